@@ -1,0 +1,44 @@
+"""`run_distributed_test`: run a function on N gloo ranks in fresh processes (OLMo-core style).
+
+The function must be importable (module level) and picklable arguments only. Each rank gets
+RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* set and an initialized gloo process group; an exception on
+any rank fails the test with that rank's traceback.
+"""
+
+import os
+import socket
+from typing import Any, Callable
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict):
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(*args, **kwargs)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed_test(fn: Callable, world_size: int = 2, *args: Any, **kwargs: Any) -> None:
+    mp.start_processes(
+        _worker,
+        args=(world_size, free_port(), fn, args, kwargs),
+        nprocs=world_size,
+        start_method="spawn",
+    )

@@ -1,0 +1,35 @@
+"""Plugin config sections, merged into torchtitan's JobConfig.
+
+Use with `[job] custom_config_module = "titan_geonorm.config"`. torchtitan merges same-named
+dataclass sections field by field, so `model`, `training`, `validation`, `optimizer` and `metrics` below add
+keys to torchtitan's sections, while `geonorm` and `peri_ln` are new sections.
+"""
+
+from dataclasses import dataclass, field
+
+from titan_geonorm.data.config import TrainingExtras, ValidationExtras
+from titan_geonorm.models.config import GeoNormConfig, ModelExtras, PeriLNConfig
+from titan_geonorm.optim.config import ManifoldMuonConfig
+
+
+@dataclass
+class Optimizer:
+    manifold_muon: ManifoldMuonConfig = field(default_factory=ManifoldMuonConfig)
+    """Used when `[optimizer] name = "ManifoldMuon"`."""
+
+
+@dataclass
+class Metrics:
+    enable_jsonl: bool = True
+    """Append every logged step's metrics to `<dump_folder>/metrics.jsonl` (metrics rank only)."""
+
+
+@dataclass
+class JobConfig:
+    model: ModelExtras = field(default_factory=ModelExtras)
+    training: TrainingExtras = field(default_factory=TrainingExtras)
+    validation: ValidationExtras = field(default_factory=ValidationExtras)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    metrics: Metrics = field(default_factory=Metrics)
+    geonorm: GeoNormConfig = field(default_factory=GeoNormConfig)
+    peri_ln: PeriLNConfig = field(default_factory=PeriLNConfig)

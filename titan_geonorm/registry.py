@@ -1,0 +1,51 @@
+"""torchtitan glue: the plugin's train specs.
+
+Every spec shares the plugin's builders (tokenizer, dataloader, validator, optimizer); specs differ
+only in model class, flavor args and parallelize function. This is the one place that knows
+torchtitan 0.2.2's TrainSpec layout.
+"""
+
+from torchtitan.components.loss import build_cross_entropy_loss
+from torchtitan.components.lr_scheduler import build_lr_schedulers
+from torchtitan.distributed.pipeline_parallel import pipeline_llm
+from torchtitan.models.llama3 import Transformer
+from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
+from torchtitan.protocols.train_spec import TrainSpec, _extra_train_specs, register_train_spec
+
+from titan_geonorm.data import build_dataloader, build_tokenizer, build_validator
+from titan_geonorm.metrics import build_metrics_processor
+from titan_geonorm.models.flavors import make_flavors
+from titan_geonorm.models.parallelize import parallelize_llama3_titan
+from titan_geonorm.optim.builder import build_optimizers
+
+
+def make_train_spec(model_cls, model_args: dict, parallelize_fn, state_dict_adapter=None):
+    return TrainSpec(
+        model_cls=model_cls,
+        model_args=model_args,
+        parallelize_fn=parallelize_fn,
+        pipelining_fn=pipeline_llm,
+        build_optimizers_fn=build_optimizers,
+        build_lr_schedulers_fn=build_lr_schedulers,
+        build_dataloader_fn=build_dataloader,
+        build_tokenizer_fn=build_tokenizer,
+        build_loss_fn=build_cross_entropy_loss,
+        build_validator_fn=build_validator,
+        build_metrics_processor_fn=build_metrics_processor,
+        state_dict_adapter=state_dict_adapter,
+    )
+
+
+def train_specs() -> dict[str, TrainSpec]:
+    return {
+        "llama3_titan": make_train_spec(
+            Transformer, make_flavors(), parallelize_llama3_titan, Llama3StateDictAdapter
+        ),
+    }
+
+
+def register_all() -> None:
+    """Register every spec once; importing the plugin twice must not raise."""
+    for name, spec in train_specs().items():
+        if name not in _extra_train_specs:
+            register_train_spec(name, spec)
