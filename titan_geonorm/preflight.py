@@ -4,13 +4,24 @@ Each failed check raises `ConfigError` naming the TOML key (or file path) at fau
 config costs seconds, not a queue slot on many nodes.
 """
 
+import copy
+import dataclasses
+import math
 import os
+import types
+import typing
 
+import torch
 from torchtitan.protocols.train_spec import get_train_spec
 
 
 class ConfigError(ValueError):
     pass
+
+
+OPTIMIZERS = ("Adam", "AdamW", "ManifoldMuon")
+# torch versions on which TP + torch.compile was seen failing on CPU (DESIGN.md section 2).
+_COMPILE_TP_BROKEN_ON_CPU = ("2.13.",)
 
 
 def _world_size(job_config) -> int:
@@ -70,6 +81,8 @@ def check_vocab(job_config) -> None:
     """The tokenizer (loaded or to be trained) must fit the flavor's embedding table."""
     vocab = get_train_spec(job_config.model.name).model_args[job_config.model.flavor].vocab_size
     path = job_config.model.hf_assets_path
+    if path and not os.path.isdir(path):
+        raise ConfigError(f"model.hf_assets_path = {path!r} is not a folder")
     tokenizer_json = os.path.join(path or "", "tokenizer.json")
     if path and os.path.isfile(tokenizer_json):
         from tokenizers import Tokenizer
@@ -84,6 +97,16 @@ def check_vocab(job_config) -> None:
             f"{source}, more than the vocab_size {vocab} of model.flavor = "
             f"{job_config.model.flavor!r}"
         )
+
+
+def check_model_options(job_config) -> None:
+    """`[model] norm_type/norm_bias`, `[geonorm]`, `[peri_ln]` (checked again at model build)."""
+    from titan_geonorm.models.args import validate_model_config
+
+    try:
+        validate_model_config(job_config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_seed_checkpoint(job_config) -> None:
@@ -101,13 +124,193 @@ def check_seed_checkpoint(job_config) -> None:
 def run_preflight(job_config) -> None:
     from titan_geonorm.data import validate_data_config
 
+    check_types(job_config)
     check_model(job_config)
+    check_ranges(job_config)
+    check_plugin_keys(job_config)
     check_parallelism(job_config)
+    check_combinations(job_config)
     check_seed_checkpoint(job_config)
+    check_geometry_routing(job_config)
     check_vocab(job_config)
+    check_model_options(job_config)
     try:
         validate_data_config(job_config)
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_value(key: str, value, annotation) -> None:
+    """Raise ConfigError unless `value` fits `annotation` (int, float, bool, str, Literal,
+    unions, list[...]); TOML values are not type-checked by torchtitan's config parser."""
+    if _fits(value, annotation):
+        return
+    if typing.get_origin(annotation) is typing.Literal:
+        raise ConfigError(f"{key} = {value!r}: expected one of {typing.get_args(annotation)}")
+    raise ConfigError(f"{key} = {value!r}: expected a value of type {_type_name(annotation)}")
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _fits(value, annotation) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is typing.Any:
+        return True
+    if origin is typing.Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and (not args or all(_fits(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def check_types(job_config, prefix: str = "") -> None:
+    """Every key of every section (torchtitan's and the plugin's) has its declared type."""
+    for f in dataclasses.fields(job_config):
+        value = getattr(job_config, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_types(value, key + ".")
+        else:
+            _check_value(key, value, f.type)
+
+
+def _require(condition: bool, key: str, value, requirement: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key} = {value!r}: {requirement}")
+
+
+def check_ranges(job_config) -> None:
+    """Ranges of the numeric keys torchtitan would otherwise trip over mid-build (or never)."""
+    t, o, s = job_config.training, job_config.optimizer, job_config.lr_scheduler
+    for key, value in (("training.steps", t.steps), ("training.local_batch_size", t.local_batch_size),
+                       ("training.seq_len", t.seq_len), ("metrics.log_freq", job_config.metrics.log_freq)):
+        _require(value >= 1, key, value, "must be >= 1")
+    _require(t.global_batch_size == -1 or t.global_batch_size >= 1, "training.global_batch_size",
+             t.global_batch_size, "must be -1 (local_batch_size x data-parallel degree) or >= 1")
+    _require(t.max_norm > 0, "training.max_norm", t.max_norm, "must be > 0")
+    _require(o.lr >= 0, "optimizer.lr", o.lr, "must be >= 0")
+    _require(o.eps > 0, "optimizer.eps", o.eps, "must be > 0")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
+    for key in ("beta1", "beta2"):
+        value = getattr(o, key)
+        _require(0 <= value < 1, f"optimizer.{key}", value, "must be in [0, 1)")
+    _require(o.name in OPTIMIZERS, "optimizer.name", o.name, f"expected one of {OPTIMIZERS}")
+    _require(s.warmup_steps >= 0, "lr_scheduler.warmup_steps", s.warmup_steps, "must be >= 0")
+    _require(0 <= s.min_lr_factor <= 1, "lr_scheduler.min_lr_factor", s.min_lr_factor,
+             "must be in [0, 1]")
+    _require(s.decay_ratio is None or 0 <= s.decay_ratio <= 1, "lr_scheduler.decay_ratio",
+             s.decay_ratio, "must be in [0, 1] or unset")
+    c = job_config.checkpoint
+    if c.enable:
+        _require(c.interval >= 1, "checkpoint.interval", c.interval, "must be >= 1")
+        _require(c.keep_latest_k == 0 or c.keep_latest_k >= 2, "checkpoint.keep_latest_k",
+                 c.keep_latest_k, "must be 0 (keep all) or >= 2 (the newest may be mid-save)")
+    v = job_config.validation
+    if v.enable:
+        _require(v.freq >= 1, "validation.freq", v.freq, "must be >= 1")
+        _require(v.steps == -1 or v.steps >= 1, "validation.steps", v.steps, "must be -1 or >= 1")
+
+
+def check_plugin_keys(job_config) -> None:
+    """Ranges and choices of the plugin's own sections."""
+    from titan_geonorm.geonorm import DECAY_SCHEDULES
+    from titan_geonorm.models.args import DECAY_INDICES
+    from titan_geonorm.norms import NORM_TYPES
+
+    m, g = job_config.model, job_config.geonorm
+    _require(m.norm_type in NORM_TYPES, "model.norm_type", m.norm_type, f"expected one of {NORM_TYPES}")
+    for key in ("attn_decay", "ffn_decay"):
+        value = getattr(g, key)
+        _require(value in DECAY_SCHEDULES, f"geonorm.{key}", value, f"expected one of {DECAY_SCHEDULES}")
+    _require(g.decay_index in DECAY_INDICES, "geonorm.decay_index", g.decay_index,
+             f"expected one of {DECAY_INDICES}")
+    _require(0 < g.theta_max <= math.pi, "geonorm.theta_max", g.theta_max, "must be in (0, pi]")
+    _require(math.isfinite(g.step_init) and g.step_init > 0, "geonorm.step_init", g.step_init,
+             "must be a finite number > 0")
+    for section in (job_config.divergence, job_config.optimizer.manifold_muon):
+        try:
+            section.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _dp_degree(job_config) -> int:
+    p = job_config.parallelism
+    if p.data_parallel_shard_degree != -1:
+        return p.data_parallel_shard_degree * p.data_parallel_replicate_degree
+    others = p.tensor_parallel_degree * p.context_parallel_degree * p.pipeline_parallel_degree
+    return _world_size(job_config) // others
+
+
+def check_combinations(job_config) -> None:
+    """Settings that are each valid but cannot work together (run after check_parallelism)."""
+    p, t = job_config.parallelism, job_config.training
+    tp = p.tensor_parallel_degree
+    args = get_train_spec(job_config.model.name).model_args[job_config.model.flavor]
+    n_heads = args.n_heads
+    n_kv_heads = getattr(args, "n_kv_heads", None) or n_heads
+    if n_heads % tp:
+        raise ConfigError(f"parallelism.tensor_parallel_degree = {tp} does not divide the "
+                          f"{n_heads} attention heads of model.flavor = {job_config.model.flavor!r}")
+    if n_kv_heads % tp:
+        raise ConfigError(f"parallelism.tensor_parallel_degree = {tp} does not divide the "
+                          f"{n_kv_heads} key/value heads of model.flavor = {job_config.model.flavor!r}")
+    divisor = tp * 2 * p.context_parallel_degree
+    if t.seq_len % divisor:
+        raise ConfigError(f"training.seq_len = {t.seq_len} must be divisible by tensor_parallel_degree "
+                          f"x 2 x context_parallel_degree = {divisor} (sequence parallelism)")
+    dp = _dp_degree(job_config)
+    if t.global_batch_size != -1 and t.global_batch_size % (t.local_batch_size * dp):
+        raise ConfigError(
+            f"training.global_batch_size = {t.global_batch_size} is not a multiple of "
+            f"training.local_batch_size x data-parallel degree = {t.local_batch_size} x {dp}"
+        )
+    if (job_config.compile.enable and tp > 1 and not torch.cuda.is_available()
+            and torch.__version__.startswith(_COMPILE_TP_BROKEN_ON_CPU)):
+        raise ConfigError(
+            f"compile.enable = true with parallelism.tensor_parallel_degree = {tp} is known broken on "
+            f"CPU with torch {torch.__version__} (wrong losses or crashes): disable one of them"
+        )
+    v = job_config.validation
+    if v.enable and v.steps == -1 and _world_size(job_config) > 1:
+        raise ConfigError(
+            "validation.steps = -1 (whole held-out split) with more than one rank can hang when "
+            "ranks hold different numbers of batches: set a positive validation.steps"
+        )
+
+
+def check_geometry_routing(job_config) -> None:
+    """ManifoldMuon: every rule must send only 2-D weights to a matrix geometry (checked on a
+    meta-device model, so no memory or compute)."""
+    if job_config.optimizer.name != "ManifoldMuon":
+        return
+    from titan_geonorm.optim.routing import assign_geometries
+
+    spec = get_train_spec(job_config.model.name)
+    args = copy.deepcopy(spec.model_args[job_config.model.flavor])
+    args.update_from_config(job_config)
+    with torch.device("meta"):
+        model = spec.model_cls(args)
+    mm = job_config.optimizer.manifold_muon
+    try:
+        assign_geometries(model.named_parameters(), mm.preset, mm.rules)
+    except ValueError as e:
+        raise ConfigError(f"optimizer.manifold_muon.rules / preset: {e}") from None

@@ -14,8 +14,9 @@ from torchtitan.protocols.train_spec import TrainSpec, _extra_train_specs, regis
 
 from titan_geonorm.data import build_dataloader, build_tokenizer, build_validator
 from titan_geonorm.metrics import build_metrics_processor
-from titan_geonorm.models.flavors import make_flavors
-from titan_geonorm.models.parallelize import parallelize_llama3_titan
+from titan_geonorm.models.flavors import make_flavors, variant_flavors
+from titan_geonorm.models.model import VariantTransformer
+from titan_geonorm.models.parallelize import parallelize_llama3_titan, parallelize_variant
 from titan_geonorm.optim.builder import build_optimizers
 
 
@@ -36,12 +37,28 @@ def make_train_spec(model_cls, model_args: dict, parallelize_fn, state_dict_adap
     )
 
 
+# Train spec name -> block variant (titan_geonorm.models.args.BlockVariant).
+VARIANT_SPECS = {
+    "llama3_preln": "pre",
+    "llama3_postln": "post",
+    "llama3_periln": "peri",
+    "llama3_geonorm": "geonorm",
+}
+
+
 def train_specs() -> dict[str, TrainSpec]:
-    return {
+    specs = {
         "llama3_titan": make_train_spec(
             Transformer, make_flavors(), parallelize_llama3_titan, Llama3StateDictAdapter
         ),
     }
+    for name, block in VARIANT_SPECS.items():
+        # Only Pre-LN has llama3's HF layout, which the adapter's q/k permutation assumes.
+        adapter = Llama3StateDictAdapter if block == "pre" else None
+        specs[name] = make_train_spec(
+            VariantTransformer, variant_flavors(block), parallelize_variant, adapter
+        )
+    return specs
 
 
 def register_all() -> None:

@@ -54,13 +54,15 @@ def parse_config(argv: list[str]):
 
 
 def run(job_config) -> None:
-    """Train (or write a seed checkpoint) with torchtitan's Trainer, as torchtitan's `main` does."""
+    """Train (or write a seed checkpoint) as torchtitan's `main` does, with `GeoNormTrainer`
+    (torchtitan's Trainer plus the `[divergence]` guard)."""
     import torch.distributed as dist
-    from torchtitan.train import Trainer
+
+    from titan_geonorm.trainer import GeoNormTrainer
 
     trainer = None
     try:
-        trainer = Trainer(job_config)
+        trainer = GeoNormTrainer(job_config)
         if job_config.comm.mode == "local_tensor":
             return  # torchtitan 0.2.2 cannot init weights under LocalTensor: construction only
         if job_config.checkpoint.create_seed_checkpoint:

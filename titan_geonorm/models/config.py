@@ -8,6 +8,11 @@ from dataclasses import dataclass
 class ModelExtras:
     """Fields added to torchtitan's `[model]` section."""
 
+    hf_assets_path: str = ""
+    """Folder with the tokenizer (`tokenizer.json`); empty or without one: a BPE is trained on the
+    training corpus and cached in `<dump_folder>/tokenizer/`. (Overrides torchtitan's default
+    `./tests/assets/tokenizer`, which does not exist outside torchtitan's repo.)"""
+
     norm_type: str = "rmsnorm"
     """rmsnorm | layernorm, for every norm of every block variant. For GeoNorm, layernorm puts
     the states on the mean-zero sphere (LayerNorm's geometry) and its gains get a bias with

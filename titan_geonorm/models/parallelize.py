@@ -109,8 +109,10 @@ def _norm_plan(block: BlockVariant) -> dict:
     local sequence shard, return local tensors.
     """
     if block == BlockVariant.POST:
-        return {"attention_norm": SequenceParallel(use_local_output=True),
-                "ffn_norm": SequenceParallel(use_local_output=True)}
+        return {
+            "attention_norm": SequenceParallel(use_local_output=True),
+            "ffn_norm": SequenceParallel(use_local_output=True),
+        }
     plan = {"attention_norm": SequenceParallel(), "ffn_norm": SequenceParallel()}
     if block == BlockVariant.PERI:
         plan["attention_out_norm"] = SequenceParallel(use_local_output=True)
@@ -161,18 +163,22 @@ def apply_variant_tp(
             "attention.wk": colwise(),
             "attention.wv": colwise(),
             "attention.wo": rowwise(output_layouts=Shard(1)),
-            "feed_forward": prepare_input(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward": prepare_input(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+            ),
             "feed_forward.w1": colwise(),
             "feed_forward.w2": rowwise(output_layouts=Shard(1)),
             "feed_forward.w3": colwise(),
             **_norm_plan(block),
         }
         parallelize_module(transformer_block, tp_mesh, plan)
-    logger.info(f"Applied {'Float8 tensorwise ' if enable_float8_tensorwise_tp else ''}"
-                f"tensor parallelism to the {block} blocks")
+    float8 = "Float8 tensorwise " if enable_float8_tensorwise_tp else ""
+    logger.info(f"Applied {float8}tensor parallelism to the {block} blocks")
 
 
-def parallelize_variant(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
+def parallelize_variant(
+    model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig
+) -> nn.Module:
     """TP, CP, AC, per-block compile, then FSDP2/HSDP or DDP: torchtitan's llama3 sequence."""
     check_known_broken(parallel_dims, job_config)
     if job_config.training.seq_len % parallel_dims.seq_len_divisor:
@@ -182,7 +188,8 @@ def parallelize_variant(model: nn.Module, parallel_dims: ParallelDims, job_confi
         )
     if parallel_dims.tp_enabled:
         float8 = "float8" in job_config.model.converters
-        rowwise_recipe = job_config.quantize.linear.float8.recipe_name in ("rowwise", "rowwise_with_gw_hp")
+        recipe = job_config.quantize.linear.float8.recipe_name
+        rowwise_recipe = recipe in ("rowwise", "rowwise_with_gw_hp")
         tp_mesh = parallel_dims.get_mesh("tp")
         apply_variant_tp(
             model,

@@ -43,6 +43,7 @@ class ManifoldMuonContainer(OptimizersContainer):
             return {}
         return {
             "orth_time_s": sum(s["orth_time_s"] for s in parts),
+            "orth_cpu_s": sum(s["orth_cpu_s"] for s in parts),
             "dual_iterations": max(s["dual_iterations"] for s in parts),
             "tangent_violation": max(s["tangent_violation"] for s in parts),
         }

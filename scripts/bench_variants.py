@@ -1,0 +1,119 @@
+"""Step time of every block variant relative to Pre-LN, same shapes, one interleaved run, on CPU.
+
+A step is forward + backward + AdamW step of the whole model on one random batch. Variants are
+timed in rotating order, round after round, so drift in machine load hits them alike; the
+reported ratio is the median over rounds of (variant time / Pre-LN time in the same round).
+"Compiled" compiles each block with torch.compile as torchtitan does (`apply_compile`).
+
+    python scripts/bench_variants.py [--dim 256 --n-layers 6 --seq-len 256 --batch 4]
+        [--norm-type rmsnorm] [--modes eager,compiled] [--rounds 7] [--json out.json]
+"""
+
+import argparse
+import json
+import statistics
+import time
+import types
+
+import titan_geonorm  # noqa: F401  (CPU patches must precede torchtitan's import)
+import torch
+import torch.nn.functional as F
+from torchtitan.models.llama3.infra.parallelize import apply_compile
+
+from titan_geonorm.models.args import BlockVariant, VariantModelArgs
+from titan_geonorm.models.model import VariantTransformer
+
+VARIANTS = [v.value for v in BlockVariant]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--n-layers", type=int, default=6)
+    p.add_argument("--n-heads", type=int, default=16)
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--norm-type", default="rmsnorm", choices=["rmsnorm", "layernorm"])
+    p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds over all variants")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = p.parse_args(argv)
+    args.modes = args.modes.split(",")
+    for mode in args.modes:
+        if mode not in ("eager", "compiled"):
+            p.error(f"--modes: unknown mode {mode!r} (eager, compiled)")
+    return args
+
+
+def build(block: str, args: argparse.Namespace, compiled: bool):
+    torch.manual_seed(0)
+    model_args = VariantModelArgs(
+        dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, vocab_size=args.vocab_size,
+        max_seq_len=args.seq_len, rope_theta=500000, block=block, norm_type=args.norm_type,
+    )
+    model = VariantTransformer(model_args)
+    with torch.no_grad():
+        model.init_weights()
+    if compiled:
+        apply_compile(model, types.SimpleNamespace(backend="inductor"))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def train_step(model, optimizer, batch: torch.Tensor) -> None:
+    logits = model(batch[:, :-1])
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def time_steps(model, optimizer, batch, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, optimizer, batch)
+    return (time.perf_counter() - start) / steps
+
+
+def bench_mode(args: argparse.Namespace, compiled: bool) -> dict:
+    batch = torch.randint(0, args.vocab_size, (args.batch, args.seq_len + 1),
+                          generator=torch.Generator().manual_seed(0))
+    runs = {v: build(v, args, compiled) for v in VARIANTS}
+    for model, opt in runs.values():
+        for _ in range(args.warmup):
+            train_step(model, opt, batch)
+    times = {v: [] for v in VARIANTS}
+    for r in range(args.rounds):
+        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
+        for v in order:
+            times[v].append(time_steps(*runs[v], batch, args.steps))
+    return {
+        v: {
+            "median_s": statistics.median(times[v]),
+            "ratio_vs_pre": statistics.median(t / p for t, p in zip(times[v], times["pre"])),
+            "round_s": times[v],
+        }
+        for v in VARIANTS
+    }
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = {mode: bench_mode(args, mode == "compiled") for mode in args.modes}
+    print(f"dim {args.dim}, layers {args.n_layers}, heads {args.n_heads}, seq {args.seq_len}, "
+          f"batch {args.batch}, {args.norm_type}, threads {args.threads}, torch {torch.__version__}")
+    print(f"{'variant':<10}" + "".join(f"{mode + ' s/step':>18}{mode + ' / pre':>16}" for mode in args.modes))
+    for v in VARIANTS:
+        row = "".join(f"{results[m][v]['median_s']:>18.4f}{results[m][v]['ratio_vs_pre']:>16.3f}" for m in args.modes)
+        print(f"{v:<10}{row}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": {k: v for k, v in vars(args).items() if k != "json"}, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Export to Hugging Face: every block variant x norm type loads in transformers and reproduces the
+training model's logits and greedy decoding; checkpoints of any world size export identically."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch.distributed.checkpoint import FileSystemReader
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.launch import REPO, TINY_CONFIG, env
+from titan_geonorm.evaluate import dcp_model
+from titan_geonorm.export import export_checkpoint, export_state_dict
+from titan_geonorm.export.hf import read_weights
+from titan_geonorm.export.load import load_job_config
+from titan_geonorm.export.mapping import block_of
+from titan_geonorm.models.config import GeoNormConfig
+
+# (block, norm_type, extra args, expected HF class)
+VARIANTS = [
+    ("pre", "rmsnorm", {}, "LlamaForCausalLM"),
+    ("pre", "layernorm", {"norm_bias": True}, "TitanGeoNormForCausalLM"),
+    ("post", "rmsnorm", {}, "TitanGeoNormForCausalLM"),
+    ("post", "layernorm", {}, "TitanGeoNormForCausalLM"),
+    ("peri", "rmsnorm", {}, "Glm4ForCausalLM"),
+    ("peri", "rmsnorm", {"embedding_norm": True}, "TitanGeoNormForCausalLM"),
+    ("peri", "layernorm", {"norm_bias": True}, "TitanGeoNormForCausalLM"),
+    ("geonorm", "rmsnorm", {"geonorm": GeoNormConfig(attn_decay="sqrt", ffn_decay="linear")},
+     "TitanGeoNormForCausalLM"),
+    ("geonorm", "layernorm", {"norm_bias": True,
+                              "geonorm": GeoNormConfig(learnable_step=False, step_init=0.7,
+                                                       decay_index="block", ffn_decay="harmonic")},
+     "TitanGeoNormForCausalLM"),
+]
+
+
+def load_hf(folder: Path):
+    return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True).eval()
+
+
+def greedy(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy decoding with full forwards of the training model (no cache)."""
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("block,norm_type,extra,hf_class", VARIANTS,
+                         ids=[f"{b}-{n}-{'-'.join(e) or 'plain'}" for b, n, e, _ in VARIANTS])
+def test_variant_logits_and_generate_match(make_variant, tokenizer_dir, tmp_path,
+                                           block, norm_type, extra, hf_class):
+    model, args = make_variant(block, norm_type, **extra)
+    export_state_dict(model.state_dict(), args, tmp_path, tokenizer_dir)
+    hf = load_hf(tmp_path)
+    assert type(hf).__name__ == hf_class
+    custom = hf_class == "TitanGeoNormForCausalLM"
+    assert (tmp_path / "modeling_titan_geonorm.py").is_file() == custom
+    assert ("auto_map" in json.loads((tmp_path / "config.json").read_text())) == custom
+
+    tokens = torch.randint(2, args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (model(tokens) - hf(tokens).logits).abs().max().item()
+    assert diff <= 1e-4, f"max |dlogit| = {diff:.3g}"
+
+    prompt = tokens[:1, :4]
+    generated = hf.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)
+    assert generated.tolist() == greedy(model, prompt, 20).tolist()
+
+
+@pytest.mark.parametrize("block", ["post", "geonorm"])
+def test_kv_cache_steps_equal_full_forward(make_variant, tokenizer_dir, tmp_path, block):
+    """Decoding token by token from the DynamicCache gives the logits of one full forward."""
+    model, args = make_variant(block)
+    export_state_dict(model.state_dict(), args, tmp_path, tokenizer_dir)
+    hf = load_hf(tmp_path)
+    tokens = torch.randint(2, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = hf(tokens, use_cache=False).logits
+        out = hf(tokens[:, :8], use_cache=True)
+        steps = [out.logits[:, -1]]
+        for i in range(8, 12):
+            out = hf(tokens[:, i:i + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[:, -1])
+    assert out.past_key_values.get_seq_length() == 12
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 7:], atol=1e-5, rtol=0)
+
+
+def test_bfloat16_sharded_export(make_variant, tokenizer_dir, tmp_path):
+    model, args = make_variant("geonorm")
+    export_state_dict(model.state_dict(), args, tmp_path, tokenizer_dir, dtype="bfloat16",
+                      max_shard_size="100KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((tmp_path / s).is_file() for s in shards)
+    assert set(index["weight_map"]) == set(read_weights(tmp_path))
+    with safe_open(str(tmp_path / shards[0]), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True).eval()
+    tokens = torch.randint(2, args.vocab_size, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference, logits = model(tokens), hf(tokens).logits.float()
+    # bf16 weights and activations: about 3 significant digits.
+    assert (logits - reference).abs().max() <= 0.05 * reference.abs().max()
+
+
+def test_exported_tokenizer_is_the_training_tokenizer(make_variant, tokenizer_dir, tmp_path):
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+
+    model, args = make_variant("peri")
+    export_state_dict(model.state_dict(), args, tmp_path, tokenizer_dir)
+    text = "def f(x):\n    return x ** 2  # squares, naïvely\n"
+    trained = HuggingFaceTokenizer(str(tokenizer_dir))
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf_tok.encode(text, add_special_tokens=False) == trained.encode(text, add_bos=False, add_eos=False)
+    config = json.loads((tmp_path / "config.json").read_text())
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (trained.bos_id, trained.eos_id)
+    assert generation["eos_token_id"] == trained.eos_id
+
+
+def test_refuses_unknown_variant_and_dtype(make_variant, tokenizer_dir, tmp_path):
+    with pytest.raises(ValueError, match="sandwich"):
+        block_of(SimpleNamespace(block="sandwich"))
+    model, args = make_variant("pre")
+    with pytest.raises(ValueError, match="--dtype"):
+        export_state_dict(model.state_dict(), args, tmp_path, tokenizer_dir, dtype="float16")
+
+
+def export_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "titan_geonorm.export", *args], cwd=REPO,
+                          env=env(), capture_output=True, text=True, timeout=300)
+
+
+def test_trained_run_exports_with_matching_logits(trained, tmp_path):
+    """CLI export of a checkpoint trained under torchrun reproduces the training model."""
+    checkpoint = trained / "checkpoint" / "step-4"
+    proc = export_cli("--config", str(TINY_CONFIG), "--checkpoint", str(checkpoint),
+                      "--output", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = dcp_model(load_job_config(TINY_CONFIG), checkpoint)
+    hf = load_hf(tmp_path)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    tokens = torch.randint(2, 2048, (2, 64), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max() <= 1e-4
+    prompt = tokens[:1, :4]
+    generated = hf.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert generated.tolist() == greedy(model, prompt, 20).tolist()
+
+
+def test_fsdp_checkpoint_exports_like_single_rank(seed, fsdp_seed_weights, tmp_path):
+    """The seed's weights saved by 1 rank and re-saved sharded by FSDP on 2 ranks export to the
+    same bytes."""
+    sharded = fsdp_seed_weights / "checkpoint" / "step-1"
+    metadata = FileSystemReader(str(sharded)).read_metadata().state_dict_metadata
+    assert len(metadata["layers.0.attention.wq.weight"].chunks) == 2, "not saved sharded"
+    outputs = [tmp_path / "one", tmp_path / "two"]
+    export_checkpoint(TINY_CONFIG, seed / "checkpoint" / "step-0", outputs[0])
+    export_checkpoint(TINY_CONFIG, sharded, outputs[1])
+    files = sorted(p.name for p in outputs[0].iterdir())
+    assert files == sorted(p.name for p in outputs[1].iterdir())
+    for name in files:
+        assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes(), name
+
+
+def test_cli_refuses_checkpoint_config_mismatch(seed, tmp_path):
+    checkpoint = seed / "checkpoint" / "step-0"
+    proc = export_cli("--config", str(TINY_CONFIG), "--checkpoint", str(checkpoint),
+                      "--output", str(tmp_path / "a"), "--model.flavor", "tiny12")
+    assert proc.returncode == 2
+    assert "lacks weight 'layers.4." in proc.stderr
+    with pytest.raises(FileNotFoundError, match="not a DCP checkpoint"):
+        export_checkpoint(TINY_CONFIG, seed / "checkpoint", tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -1,0 +1,412 @@
+"""Hugging Face modeling code for titan-geonorm exports whose blocks no stock class implements.
+
+This file is copied into exported folders (Post-LN, GeoNorm, LayerNorm variants, Peri-LN with an
+embedding norm) and loaded with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
+It depends on torch and transformers only, and mirrors the training model
+(`titan_geonorm.models.model.VariantTransformer`, torchtitan's llama3 attention and SwiGLU) op for
+op, so that logits match the training model's:
+
+- parameter names are the training model's under `model.` (`model.layers.<i>.attention.wq.weight`,
+  ...), the output head is `lm_head`; no weight is permuted;
+- RoPE is torchtitan's: complex rotation of interleaved pairs, llama3 frequency scaling;
+- attention is `scaled_dot_product_attention` with grouped K/V heads, keys and values cached in a
+  transformers `DynamicCache` for `generate()`;
+- blocks (N = RMSNorm or LayerNorm, F = attention or SwiGLU):
+  pre `h + F(N(h))`, post `N(h + F(h))`, peri `h + N_out(F(N_in(h)))`,
+  geonorm `exp_h(a_k s(k) tangent(F(g * h)))` (a geodesic step on the sphere of radius ||h||).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+BLOCKS = ("pre", "post", "peri", "geonorm")
+NORM_TYPES = ("rmsnorm", "layernorm")
+
+
+class TitanGeoNormConfig(PretrainedConfig):
+    """Shapes, RoPE and block variant of a titan-geonorm model.
+
+    `geonorm_step_decays[i] = [s(k_attn), s(k_ffn)]` of block i, evaluated at export so the schedule
+    needs no code here.
+    """
+
+    model_type = "titan_geonorm"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 2048,
+        hidden_size: int = 64,
+        intermediate_size: int = 256,
+        num_hidden_layers: int = 2,
+        num_attention_heads: int = 4,
+        num_key_value_heads: int = 4,
+        norm_eps: float = 1e-5,
+        rope_theta: float = 10000.0,
+        rope_scaling_factor: float = 8.0,
+        rope_low_freq_factor: float = 1.0,
+        rope_high_freq_factor: float = 4.0,
+        rope_original_max_position_embeddings: int = 8192,
+        max_position_embeddings: int = 2048,
+        block: str = "pre",
+        norm_type: str = "rmsnorm",
+        norm_bias: bool = False,
+        embedding_norm: bool = False,
+        geonorm_step_decays: list | None = None,
+        geonorm_learnable_step: bool = True,
+        geonorm_step_init: float = 1.0,
+        geonorm_theta_max: float = math.pi / 2,
+        initializer_range: float = 0.02,
+        use_cache: bool = True,
+        tie_word_embeddings: bool = False,
+        **kwargs,
+    ):
+        if block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+        if norm_type not in NORM_TYPES:
+            raise ValueError(f"norm_type must be one of {NORM_TYPES}, got {norm_type!r}")
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = hidden_size // num_attention_heads
+        self.norm_eps = norm_eps
+        self.rope_theta = rope_theta
+        self.rope_scaling_factor = rope_scaling_factor
+        self.rope_low_freq_factor = rope_low_freq_factor
+        self.rope_high_freq_factor = rope_high_freq_factor
+        self.rope_original_max_position_embeddings = rope_original_max_position_embeddings
+        self.max_position_embeddings = max_position_embeddings
+        self.block = block
+        self.norm_type = norm_type
+        self.norm_bias = norm_bias
+        self.embedding_norm = embedding_norm
+        self.geonorm_step_decays = geonorm_step_decays or [[1.0, 1.0]] * num_hidden_layers
+        self.geonorm_learnable_step = geonorm_learnable_step
+        self.geonorm_step_init = geonorm_step_init
+        self.geonorm_theta_max = geonorm_theta_max
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+
+def rope_frequencies(config: TitanGeoNormConfig) -> torch.Tensor:
+    """torchtitan's llama3 RoPE frequencies: `theta^(-2j/head_dim)`, long wavelengths divided by
+    the scaling factor, the band between the two wavelength limits interpolated linearly."""
+    dim = config.head_dim
+    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
+    factor = config.rope_scaling_factor
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    original = config.rope_original_max_position_embeddings
+    wavelen = 2 * math.pi / freqs
+    freqs = torch.where(wavelen > original / low, freqs / factor, freqs)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * freqs / factor + smooth * freqs
+    is_medium = ~(wavelen < original / high) * ~(wavelen > original / low)
+    return torch.where(is_medium, smoothed, freqs)
+
+
+def rope_rotations(config: TitanGeoNormConfig, positions: torch.Tensor) -> torch.Tensor:
+    """`exp(i * position * freq)` for (batch, seq) positions: complex64 (batch, seq, 1, head_dim/2)."""
+    angles = positions[..., None].float() * rope_frequencies(config).to(positions.device)
+    return torch.polar(torch.ones_like(angles), angles)[:, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x_{2j}, x_{2j+1}) of every head as complex numbers, in fp32."""
+    x_ = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(x_ * rotations).flatten(3).type_as(x)
+
+
+def build_norm(config: TitanGeoNormConfig) -> nn.Module:
+    if config.norm_type == "rmsnorm":
+        return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+
+
+def geodesic_step(h, u, step, theta_max: float, center: bool) -> torch.Tensor:
+    """`cos(theta) h + sin(theta) ||h|| v/||v||`, `v` the part of `u` tangent to the sphere at h,
+    `theta = sign(step) min(|step| ||v||/||h||, theta_max)`; in fp32, through `sinc` so that
+    v = 0 gives h exactly. Same operations as `titan_geonorm.geonorm.geodesic_step`."""
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    h32, u32 = h.to(dtype), u.to(dtype)
+    if isinstance(step, torch.Tensor):
+        step = step.to(dtype)
+    if center:
+        u32 = u32 - u32.mean(dim=-1, keepdim=True)
+    sq_norm = (h32 * h32).sum(dim=-1, keepdim=True).clamp_min(1e-10)
+    v = u32 - ((h32 * u32).sum(dim=-1, keepdim=True) / sq_norm) * h32
+    m = v.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
+    ratio = torch.linalg.vector_norm(v / m, dim=-1, keepdim=True) * (m / sq_norm.sqrt())
+    step_eff = step * theta_max / (abs(step) * ratio).clamp_min(theta_max)
+    theta = step_eff * ratio
+    out = torch.cos(theta) * h32 + (step_eff * torch.sinc(theta / math.pi)) * v
+    return out.to(h.dtype)
+
+
+def project_to_sphere(x: torch.Tensor, center: bool) -> torch.Tensor:
+    """`sqrt(d) x / ||x||` per row, after removing the row mean if `center`."""
+    if center:
+        x = x - x.mean(dim=-1, keepdim=True)
+    return F.normalize(x, dim=-1) * math.sqrt(x.shape[-1])
+
+
+class Gain(nn.Module):
+    """GeoNorm's `g * h (+ b)` where other variants normalize."""
+
+    def __init__(self, dim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x):
+        out = x * self.weight
+        return out if self.bias is None else out + self.bias
+
+
+class GeodesicStep(nn.Module):
+    """`h <- geodesic_step(h, u, a * decay)`, `a` learnable (`step`) or fixed."""
+
+    def __init__(self, config: TitanGeoNormConfig, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.step_init = config.geonorm_step_init
+        self.theta_max = config.geonorm_theta_max
+        self.center = config.norm_type == "layernorm"
+        learnable = config.geonorm_learnable_step
+        self.step = nn.Parameter(torch.full((1,), self.step_init)) if learnable else None
+
+    def forward(self, h, u):
+        a = self.step_init if self.step is None else self.step
+        return geodesic_step(h, u, a * self.decay, self.theta_max, self.center)
+
+
+class Attention(nn.Module):
+    """torchtitan's llama3 attention (`wq wk wv wo`, no biases) with a key/value cache."""
+
+    def __init__(self, config: TitanGeoNormConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        dim = config.hidden_size
+        self.wq = nn.Linear(dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x, rotations, mask, cache: Cache | None):
+        bs, seqlen, _ = x.shape
+        xq = self.wq(x).view(bs, seqlen, -1, self.head_dim)
+        xk = self.wk(x).view(bs, seqlen, -1, self.head_dim)
+        xv = self.wv(x).view(bs, seqlen, -1, self.head_dim)
+        xq, xk = apply_rope(xq, rotations), apply_rope(xk, rotations)
+        xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
+        if cache is not None:
+            xk, xv = cache.update(xk, xv, self.layer_idx)
+        # Without a cached prefix or padding this is exactly the training call (is_causal).
+        out = F.scaled_dot_product_attention(
+            xq, xk, xv, attn_mask=mask, is_causal=mask is None,
+            enable_gqa=self.n_heads > self.n_kv_heads,
+        )
+        return self.wo(out.transpose(1, 2).contiguous().view(bs, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU `w2(silu(w1 x) * w3 x)`."""
+
+    def __init__(self, config: TitanGeoNormConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: TitanGeoNormConfig, layer_idx: int):
+        super().__init__()
+        self.attention = Attention(config, layer_idx)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = build_norm(config)
+        self.ffn_norm = build_norm(config)
+
+
+class PreLNBlock(Block):
+    """`h = h + F(N(h))`."""
+
+    def forward(self, x, rotations, mask, cache):
+        h = x + self.attention(self.attention_norm(x), rotations, mask, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class PostLNBlock(Block):
+    """`h = N(h + F(h))`."""
+
+    def forward(self, x, rotations, mask, cache):
+        h = self.attention_norm(x + self.attention(x, rotations, mask, cache))
+        return self.ffn_norm(h + self.feed_forward(h))
+
+
+class PeriLNBlock(Block):
+    """`h = h + N_out(F(N_in(h)))`."""
+
+    def __init__(self, config: TitanGeoNormConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.attention_out_norm = build_norm(config)
+        self.ffn_out_norm = build_norm(config)
+
+    def forward(self, x, rotations, mask, cache):
+        h = x + self.attention_out_norm(self.attention(self.attention_norm(x), rotations, mask, cache))
+        return h + self.ffn_out_norm(self.feed_forward(self.ffn_norm(h)))
+
+
+class GeoNormBlock(Block):
+    """Two geodesic steps, attention then FFN, each on the update `F(g * h)`."""
+
+    def __init__(self, config: TitanGeoNormConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        bias = config.norm_bias and config.norm_type == "layernorm"
+        self.attention_norm = Gain(config.hidden_size, bias)
+        self.ffn_norm = Gain(config.hidden_size, bias)
+        attn_decay, ffn_decay = config.geonorm_step_decays[layer_idx]
+        self.attention_step = GeodesicStep(config, attn_decay)
+        self.ffn_step = GeodesicStep(config, ffn_decay)
+
+    def forward(self, x, rotations, mask, cache):
+        h = self.attention_step(x, self.attention(self.attention_norm(x), rotations, mask, cache))
+        return self.ffn_step(h, self.feed_forward(self.ffn_norm(h)))
+
+
+BLOCK_CLASSES = {"pre": PreLNBlock, "post": PostLNBlock, "peri": PeriLNBlock, "geonorm": GeoNormBlock}
+
+
+def attention_mask_for(attention_mask, q_len: int, kv_len: int, device) -> torch.Tensor | None:
+    """Boolean (batch, 1, q, kv) mask over cache slots: the i-th new token (slot kv - q + i) sees
+    slots j <= kv - q + i that are not padding. None where SDPA's own causal mask is exact (no
+    cached prefix, no padding): then the attention call is the training model's."""
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    if attention_mask is None and q_len == kv_len:
+        return None
+    slots = torch.arange(kv_len, device=device)
+    visible = (slots[None, :] <= slots[kv_len - q_len:, None])[None]
+    if attention_mask is not None:
+        visible = visible & attention_mask[:, None, -kv_len:].bool()
+    # A padding query sees no key at all; let it see itself so SDPA returns no NaN.
+    visible = visible | ~visible.any(dim=-1, keepdim=True)
+    return visible[:, None]
+
+
+class TitanGeoNormPreTrainedModel(PreTrainedModel):
+    config_class = TitanGeoNormConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["PreLNBlock", "PostLNBlock", "PeriLNBlock", "GeoNormBlock"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        """Only used for weights a folder lacks; exported folders carry every weight."""
+        if isinstance(module, Gain):
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, GeodesicStep):
+            if module.step is not None:
+                nn.init.constant_(module.step, module.step_init)
+        else:
+            super()._init_weights(module)
+
+
+class TitanGeoNormModel(TitanGeoNormPreTrainedModel):
+    """Embedding, blocks and final norm; returns the last hidden state."""
+
+    def __init__(self, config: TitanGeoNormConfig):
+        super().__init__(config)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.emb_norm = build_norm(config) if config.block == "peri" and config.embedding_norm else None
+        block_cls = BLOCK_CLASSES[config.block]
+        self.layers = nn.ModuleList(block_cls(config, i) for i in range(config.num_hidden_layers))
+        if config.block == "post":
+            self.norm = None
+        elif config.block == "geonorm":
+            self.norm = Gain(config.hidden_size, config.norm_bias and config.norm_type == "layernorm")
+        else:
+            self.norm = build_norm(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.tok_embeddings
+
+    def set_input_embeddings(self, value):
+        self.tok_embeddings = value
+
+    def embed(self, input_ids):
+        h = self.tok_embeddings(input_ids)
+        if self.emb_norm is not None:
+            h = self.emb_norm(h)
+        if self.config.block == "geonorm":
+            h = project_to_sphere(h, self.config.norm_type == "layernorm")
+        return h
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False):
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + input_ids.shape[1], device=input_ids.device)
+            position_ids = position_ids[None].expand(input_ids.shape[0], -1)
+        mask = attention_mask_for(attention_mask, input_ids.shape[1], past_len + input_ids.shape[1],
+                                  input_ids.device)
+        rotations = rope_rotations(self.config, position_ids)
+        h = self.embed(input_ids)
+        cache = past_key_values if use_cache else None
+        for layer in self.layers:
+            h = layer(h, rotations, mask, cache)
+        h = self.norm(h) if self.norm is not None else h
+        return h, past_key_values
+
+
+class TitanGeoNormForCausalLM(TitanGeoNormPreTrainedModel, GenerationMixin):
+    """`TitanGeoNormModel` + untied output head `lm_head`."""
+
+    def __init__(self, config: TitanGeoNormConfig):
+        super().__init__(config)
+        self.model = TitanGeoNormModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.tok_embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.tok_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=None, labels=None, **kwargs):
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        h, past_key_values = self.model(input_ids, attention_mask, position_ids, past_key_values,
+                                        use_cache)
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+        return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                      past_key_values=past_key_values if use_cache else None)
