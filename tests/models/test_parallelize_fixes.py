@@ -38,45 +38,37 @@ def _model() -> nn.Linear:
     return m
 
 
-def _fsdp_on_gloo(force_sum: bool) -> None:
+def _fsdp_on_gloo() -> None:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    model = _model()
-    fully_shard(model, mesh=mesh)
-    model.set_gradient_divide_factor(1.0)  # as torchtitan does: the loss is globally scaled
-    if force_sum:
-        force_sum_reduction_on_gloo(model)
-        model(_batch(dist.get_rank())).sum().backward()
-        full = model.weight.grad.full_tensor()
-        torch.testing.assert_close(full, _expected_sum_grad(dist.get_world_size()))
-    else:
-        with pytest.raises(Exception, match="(?i)premul|not supported|unsupported"):
-            model(_batch(dist.get_rank())).sum().backward()
+    batch = _batch(dist.get_rank())
+    plain, fixed = _model(), _model()
+    for model in (plain, fixed):
+        fully_shard(model, mesh=mesh)
+        model.set_gradient_divide_factor(1.0)  # as torchtitan does: the loss is globally scaled
+    with pytest.raises(Exception, match="(?i)premul|not supported|unsupported"):
+        plain(batch).sum().backward()
+    force_sum_reduction_on_gloo(fixed)
+    fixed(batch).sum().backward()
+    torch.testing.assert_close(
+        fixed.weight.grad.full_tensor(), _expected_sum_grad(dist.get_world_size())
+    )
 
 
-def test_fsdp_on_gloo_fails_without_force_sum():
-    run_distributed_test(_fsdp_on_gloo, 2, False)
+def test_fsdp_on_gloo_fails_without_and_sums_with_force_sum():
+    run_distributed_test(_fsdp_on_gloo, 2)
 
 
-def test_fsdp_on_gloo_sums_with_force_sum():
-    run_distributed_test(_fsdp_on_gloo, 2, True)
-
-
-def _ddp_grad(summing: bool) -> None:
+def _ddp_grads() -> None:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    model = _model()
-    replicate(model, device_mesh=mesh)
-    if summing:
-        model.register_comm_hook(None, _allreduce_sum_hook)
-    grad = _local_grad(model, _batch(dist.get_rank()))
-    expected = _expected_sum_grad(dist.get_world_size())
-    if not summing:
-        expected = expected / dist.get_world_size()
-    torch.testing.assert_close(grad, expected)
+    world, batch = dist.get_world_size(), _batch(dist.get_rank())
+    averaged, summed = _model(), _model()
+    replicate(averaged, device_mesh=mesh)
+    replicate(summed, device_mesh=mesh)
+    summed.register_comm_hook(None, _allreduce_sum_hook)
+    expected = _expected_sum_grad(world)
+    torch.testing.assert_close(_local_grad(averaged, batch), expected / world)
+    torch.testing.assert_close(_local_grad(summed, batch), expected)
 
 
-def test_ddp_averages_gradients_by_default():
-    run_distributed_test(_ddp_grad, 2, False)
-
-
-def test_ddp_sums_gradients_with_hook():
-    run_distributed_test(_ddp_grad, 2, True)
+def test_ddp_averages_by_default_and_sums_with_hook():
+    run_distributed_test(_ddp_grads, 2)
