@@ -2,12 +2,13 @@
 
 Use with `[job] custom_config_module = "titan_geonorm.config"`. torchtitan merges same-named
 dataclass sections field by field, so `model`, `training`, `validation`, `optimizer` and `metrics` below add
-keys to torchtitan's sections, while `geonorm`, `peri_ln` and `divergence` are new sections.
+keys to torchtitan's sections, while `geonorm`, `peri_ln`, `divergence` and `diagnostics` are new sections.
 """
 
 from dataclasses import dataclass, field
 
 from titan_geonorm.data.config import TrainingExtras, ValidationExtras
+from titan_geonorm.diagnostics import DiagnosticsConfig
 from titan_geonorm.divergence_config import DivergenceConfig
 from titan_geonorm.models.config import GeoNormConfig, ModelExtras, PeriLNConfig
 from titan_geonorm.optim.config import ManifoldMuonConfig
@@ -35,3 +36,4 @@ class JobConfig:
     geonorm: GeoNormConfig = field(default_factory=GeoNormConfig)
     peri_ln: PeriLNConfig = field(default_factory=PeriLNConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
