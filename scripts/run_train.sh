@@ -23,6 +23,10 @@ else
     rdzv=(--standalone)
 fi
 
+# After a torchrun restart (--max-restarts), workers sharing the agent's rendezvous store see the
+# previous attempt's addresses and gloo fails with "connectFullMesh ... Connection refused"
+# (pytorch/pytorch#135712); a per-attempt store avoids it.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-"expandable_segments:True"} \
 exec "$TORCHRUN" --nproc-per-node "$NGPU" "${rdzv[@]}" \
     --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \

@@ -122,3 +122,14 @@ def test_two_nodes_train_and_checkpoint(seed, tmp_path):
     assert_trains(tmp_path)
     for step in (5, 10):
         assert (tmp_path / "checkpoint" / f"step-{step}" / ".metadata").is_file()
+
+
+def test_tp2_without_seed_checkpoint_starts_like_one_process(tmp_path):
+    """No seed checkpoint: TP shards must still be slices of one full init (gloo has no DTensor
+    RNG), so step 1 equals a single-process run with the same seed and data."""
+    one, tp = tmp_path / "one", tmp_path / "tp"
+    train(one, "--training.steps", "2", "--debug.seed", "7")
+    train(tp, "--training.steps", "2", "--debug.seed", "7", "--model.hf_assets_path",
+          str(one / "tokenizer"), "--parallelism.tensor_parallel_degree", "2",
+          "--parallelism.data_parallel_shard_degree", "1", nproc=2)
+    assert losses(tp)[0] == pytest.approx(losses(one)[0], abs=1e-4)

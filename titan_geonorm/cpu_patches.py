@@ -65,14 +65,15 @@ def patch_gloo_barrier() -> None:
 
     torchtitan calls `barrier(device_ids=[device_module.current_device()])` after step 1 (before
     shortening the process-group timeouts). `torch.cpu.current_device()` is the string "cpu",
-    which BarrierOptions rejects with a TypeError; gloo ignores device ids anyway.
+    which BarrierOptions rejects with a TypeError; gloo (and the fake backend of dry runs)
+    ignores device ids anyway.
     """
     original = dist.barrier
     if getattr(original, "_titan_geonorm_patched", False):
         return
 
     def barrier(group=None, async_op=False, device_ids=None):
-        if device_ids is not None and dist.get_backend(group) == "gloo":
+        if device_ids is not None and dist.get_backend(group) in ("gloo", "fake"):
             device_ids = None
         return original(group=group, async_op=async_op, device_ids=device_ids)
 

@@ -245,7 +245,8 @@ def check_plugin_keys(job_config) -> None:
     _require(0 < g.theta_max <= math.pi, "geonorm.theta_max", g.theta_max, "must be in (0, pi]")
     _require(math.isfinite(g.step_init) and g.step_init > 0, "geonorm.step_init", g.step_init,
              "must be a finite number > 0")
-    for section in (job_config.divergence, job_config.optimizer.manifold_muon):
+    sections = (job_config.divergence, job_config.diagnostics, job_config.optimizer.manifold_muon)
+    for section in sections:
         try:
             section.validate()
         except ValueError as e:

@@ -1,6 +1,7 @@
 """ManifoldMuon: single-process behaviour, distributed equivalence, DCP save/load and resharding."""
 
 import titan_geonorm  # noqa: F401  (CPU patches must precede torchtitan's import)
+import copy
 import os
 
 import pytest
@@ -254,6 +255,48 @@ def _resume(path: str, model: torch.nn.Module) -> ManifoldMuon:
     model.load_state_dict(state["model"])
     set_optimizer_state_dict(model, opt, state["optim"], options=FLAT)
     return opt
+
+
+def _scheduled(model: torch.nn.Module, opt: ManifoldMuon, sched, steps: int, start: int) -> list[float]:
+    losses = []
+    for step in range(start, start + steps):
+        loss = loss_fn(model, batch(step))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_resume_keeps_lr_schedule_on_every_geometry():
+    """`set_optimizer_state_dict` replaces the param-group dicts; the scheduler's later lrs must
+    still reach every geometry (a unit holding the old dict kept stepping at the stale lr)."""
+    decay = lambda step: 1.0 / (1 + step)  # noqa: E731  (lr changes every step)
+    kw = dict(rules=[r"attention\.wo\.weight$=muon"])
+    model = build_model()
+    opt = ManifoldMuon(model.named_parameters(), config("hetero", **kw), lr=1e-3)
+    opt.project_()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
+    assert {g["geometry"] for g in opt.param_groups} == {"adamw", "muon", "stiefel", "dgram"}
+    uninterrupted = _scheduled(model, opt, sched, 2, start=0)
+    saved = copy.deepcopy(
+        {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt, options=FLAT),
+         "sched": sched.state_dict()}
+    )
+    uninterrupted += _scheduled(model, opt, sched, 3, start=2)
+
+    resumed_model = build_model(seed=1)
+    resumed_opt = ManifoldMuon(resumed_model.named_parameters(), config("hetero", **kw), lr=1e-3)
+    resumed_opt.project_()
+    resumed_sched = torch.optim.lr_scheduler.LambdaLR(resumed_opt, decay)
+    resumed_model.load_state_dict(saved["model"])
+    set_optimizer_state_dict(resumed_model, resumed_opt, saved["optim"], options=FLAT)
+    resumed_sched.load_state_dict(saved["sched"])
+    resumed = _scheduled(resumed_model, resumed_opt, resumed_sched, 3, start=2)
+    assert resumed == pytest.approx(uninterrupted[2:], abs=1e-6)
+    weights, expected = full_weights(resumed_model), full_weights(model)
+    assert all(torch.allclose(weights[k], expected[k], atol=1e-6) for k in expected)
 
 
 @pytest.mark.distributed

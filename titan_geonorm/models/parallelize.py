@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -64,11 +64,55 @@ def sum_gradients_under_ddp(model: nn.Module, parallel_dims: ParallelDims) -> No
         model.register_comm_hook(None, _allreduce_sum_hook)
 
 
+def init_shards_like_one_process(model: nn.Module, model_cls: type[nn.Module]) -> None:
+    """On gloo, make `model.init_weights` give every rank its slice of one full initialization.
+
+    DTensor's random ops only support CUDA-like devices: on CPU each rank fills its local shards
+    from its own generator, and since every process starts from the same default seed, all
+    ranks draw the same values (TP weights come out rank-deficient, FSDP shards repeat). Here
+    every rank initializes a full unsharded copy from rank 0's generator state and keeps its own
+    slice (`distribute_tensor(..., src_data_rank=None)` slices locally, no communication), so a
+    multi-rank run starts from exactly the weights of a one-process run. Costs one full model
+    per rank, which is only acceptable because gloo means a CPU development run.
+    """
+    if not dist.is_initialized() or dist.get_backend() != "gloo" or dist.get_world_size() == 1:
+        return
+    from titan_geonorm.optim.routing import clean_name
+
+    init_sharded = model.init_weights
+
+    def init_weights(*args, **kwargs):
+        # The generator state a one-process run would init from: taken before the sharded init
+        # (which draws less), and rank 0's so that every rank builds the same full copy.
+        rng = torch.get_rng_state()
+        init_sharded(*args, **kwargs)
+        dist.broadcast(rng, src=0)
+        torch.set_rng_state(rng)
+        with torch.device("meta"):  # as torchtitan builds it: no default-init draws
+            full = model_cls(model.model_args)
+        full.to_empty(device="cpu")
+        full.init_weights()
+        reference = full.state_dict()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                value = reference[clean_name(name)].to(param.dtype)
+                if isinstance(param, DTensor):
+                    value = distribute_tensor(
+                        value, param.device_mesh, param.placements, src_data_rank=None
+                    ).to_local()
+                    param = param.to_local()
+                param.copy_(value)
+
+    model.init_weights = init_weights
+
+
 def parallelize_llama3_titan(
     model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig
 ) -> nn.Module:
     check_known_broken(parallel_dims, job_config)
+    model_cls = type(model)
     model = parallelize_llama(model, parallel_dims, job_config)
+    init_shards_like_one_process(model, model_cls)
     force_sum_reduction_on_gloo(model)
     sum_gradients_under_ddp(model, parallel_dims)
     return model
@@ -181,6 +225,7 @@ def parallelize_variant(
 ) -> nn.Module:
     """TP, CP, AC, per-block compile, then FSDP2/HSDP or DDP: torchtitan's llama3 sequence."""
     check_known_broken(parallel_dims, job_config)
+    init_shards_like_one_process(model, type(model))
     if job_config.training.seq_len % parallel_dims.seq_len_divisor:
         raise ValueError(
             f"training.seq_len = {job_config.training.seq_len} must be divisible by "

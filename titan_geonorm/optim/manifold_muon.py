@@ -63,7 +63,9 @@ class _Unit:
     params: list[torch.nn.Parameter]
     names: list[str]
     geometry: str
-    group: dict
+    # Index into `param_groups`, never the group dict itself: `Optimizer.load_state_dict` (DCP
+    # resume) replaces the group dicts, and the LR scheduler then updates only the new ones.
+    group_index: int
     owner: int = 0
     # key -> this rank's index map (flat global indices of its local shard); keys are
     # ("param", i) and ("dual", 0).
@@ -182,7 +184,7 @@ class ManifoldMuon(torch.optim.Optimizer):
 
     def _units(self) -> list[_Unit]:
         units = []
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             if group["geometry"] == "adamw":
                 continue
             fused: dict[str, dict[str, torch.nn.Parameter]] = {}
@@ -193,12 +195,12 @@ class ManifoldMuon(torch.optim.Optimizer):
                 if self.config.fused_qkv and prefix and leaf in _QKV:
                     fused.setdefault(prefix, {})[leaf] = param
                 else:
-                    units.append(_Unit([param], [name], group["geometry"], group))
+                    units.append(_Unit([param], [name], group["geometry"], index))
             for prefix, parts in fused.items():
-                units.append(self._fused_unit(prefix, parts, group))
+                units.append(self._fused_unit(prefix, parts, group, index))
         return units
 
-    def _fused_unit(self, prefix: str, parts: dict, group: dict) -> _Unit:
+    def _fused_unit(self, prefix: str, parts: dict, group: dict, index: int) -> _Unit:
         missing = [leaf for leaf in _QKV if leaf not in parts]
         if missing:
             raise ValueError(
@@ -215,7 +217,7 @@ class ManifoldMuon(torch.optim.Optimizer):
                 f"optimizer.manifold_muon.fused_qkv: {names} need the same device mesh, placements and "
                 f"input dim to be fused; got {[(tuple(p.shape), getattr(p, 'placements', None)) for p in params]}"
             )
-        return _Unit(params, names, group["geometry"], group)
+        return _Unit(params, names, group["geometry"], index)
 
     def _build_plans(self) -> list[_MeshPlan]:
         by_mesh: dict = {}
@@ -344,6 +346,10 @@ class ManifoldMuon(torch.optim.Optimizer):
             local_out[id(unit)] = parts
         return local_out
 
+    def _group(self, unit: _Unit) -> dict:
+        """The unit's current param group (looked up each step; see `_Unit.group_index`)."""
+        return self.param_groups[unit.group_index]
+
     @staticmethod
     def _numel(unit: _Unit, map_key: tuple) -> int:
         kind, i = map_key
@@ -365,12 +371,12 @@ class ManifoldMuon(torch.optim.Optimizer):
         """Run every owned unit's geometry, batched over units of the same group and shape."""
         batches: dict = {}
         for j, unit in enumerate(owned):
-            batches.setdefault((id(unit.group), unit.shape), []).append(j)
+            batches.setdefault((unit.group_index, unit.shape), []).append(j)
         results: list[dict] = [{} for _ in owned]
         iterations, violation = 0, 0.0
         for indices in batches.values():
             units = [owned[j] for j in indices]
-            group = units[0].group
+            group = self._group(units[0])
             u = torch.stack([self._assemble(unit, fulls[j], "u") for unit, j in zip(units, indices)])
             if group["geometry"] == "muon":
                 update = muon_update(u, self.config.muon_scale, self._orth)
@@ -445,13 +451,13 @@ class ManifoldMuon(torch.optim.Optimizer):
         if len(units) != len(plan.units):
             missing = [n for u in plan.units if u not in units for n in u.names]
             raise RuntimeError(f"ManifoldMuon: no gradient for {missing}; every rank must step every matrix")
-        directions = {id(u): [self._momentum(p, u.group) for p in u.params] for u in units}
+        directions = {id(u): [self._momentum(p, self._group(u)) for p in u.params] for u in units}
         warm = self.config.warm_start
         for unit in units:
             if warm and unit.geometry in _MANIFOLDS:
                 self._init_dual(unit)
         # lr == 0 (e.g. DCP's state initialization) leaves weights and dual untouched.
-        active = [u for u in units if u.group["lr"] != 0]
+        active = [u for u in units if self._group(u)["lr"] != 0]
         if not active:
             return
 
@@ -480,7 +486,7 @@ class ManifoldMuon(torch.optim.Optimizer):
         local = self._exchange(plan, active, inputs, compute, outputs)
         for unit in active:
             result = local[id(unit)]
-            group = unit.group
+            group = self._group(unit)
             for i, p in enumerate(unit.params):
                 shard = _local(p)
                 if unit.geometry == "muon":

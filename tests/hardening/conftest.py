@@ -1,0 +1,47 @@
+"""Shared runs of the hardening tests: one seed checkpoint and one uninterrupted FSDP run.
+
+`reference` trains the tiny model for 10 steps on 2 ranks (FSDP2) from the seed, checkpointing
+at steps 5 and 10; failure tests restart from its step-5 state and must reproduce its steps 6-10.
+"""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.launch import REPO, TINY_CONFIG, env, torchrun_cmd, train
+
+FSDP2 = ("--parallelism.data_parallel_shard_degree", "2")
+
+
+@pytest.fixture(scope="package")
+def seed(tmp_path_factory) -> Path:
+    dump = tmp_path_factory.mktemp("seed")
+    train(dump, "--checkpoint.enable", "--checkpoint.create_seed_checkpoint")
+    return dump
+
+
+def seeded_args(seed: Path, dump: Path) -> list[str]:
+    """Copy the seed checkpoint into `dump`; the args that train from it with 5-step checkpoints."""
+    (dump / "checkpoint").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(seed / "checkpoint" / "step-0", dump / "checkpoint" / "step-0")
+    return ["--model.hf_assets_path", str(seed / "tokenizer"), "--checkpoint.enable",
+            "--checkpoint.interval", "5"]
+
+
+def launch(dump: Path, *overrides: str, nproc: int = 2, max_restarts: int = 0,
+           faults: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """torchrun the trainer with `tests.hardening.faults` loaded; returns without checking rc."""
+    cmd = torchrun_cmd(nproc) + ["--max-restarts", str(max_restarts), "-m", "titan_geonorm.train",
+                                 "--job.config_file", str(TINY_CONFIG), "--job.dump_folder", str(dump),
+                                 "--experimental.custom_import", "tests.hardening.faults", *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=env(**(faults or {})), capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="package")
+def reference(seed, tmp_path_factory) -> Path:
+    dump = tmp_path_factory.mktemp("reference")
+    train(dump, *seeded_args(seed, dump), *FSDP2, nproc=2)
+    return dump

@@ -1,0 +1,129 @@
+"""Table of bad configs: each is refused by the preflight checks, before any process group, model
+or data exists, with a message naming the offending key."""
+
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from tests.launch import REPO, TINY_CONFIG, env
+from titan_geonorm.preflight import ConfigError, run_preflight
+from titan_geonorm.train import parse_config
+
+MM = ("--optimizer.name", "ManifoldMuon")
+
+# (id, TOML additions {section: {key: value}}, CLI overrides, world size, text the error must contain)
+CASES = [
+    ("steps-type", {"training": {"steps": "ten"}}, (), 1, "training.steps = 'ten'"),
+    ("lr-type", {"optimizer": {"lr": "fast"}}, (), 1, "optimizer.lr = 'fast'"),
+    ("ac-mode-choice", {"activation_checkpoint": {"mode": "sometimes"}}, (), 1,
+     "activation_checkpoint.mode = 'sometimes'"),
+    ("skips-type", {"divergence": {"max_consecutive_skips": 2.5}}, (), 1,
+     "divergence.max_consecutive_skips = 2.5"),
+    ("learnable-step-type", {"geonorm": {"learnable_step": "yes"}}, (), 1, "geonorm.learnable_step"),
+    ("rules-type", {"optimizer": {"manifold_muon": {"rules": "wq=dgram"}}}, (), 1,
+     "optimizer.manifold_muon.rules"),
+    ("steps-zero", {}, ("--training.steps", "0"), 1, "training.steps = 0"),
+    ("batch-zero", {}, ("--training.local_batch_size", "0"), 1, "training.local_batch_size = 0"),
+    ("max-norm-zero", {}, ("--training.max_norm", "0"), 1, "training.max_norm = 0"),
+    ("lr-negative", {}, ("--optimizer.lr=-0.001",), 1, "optimizer.lr = -0.001"),
+    ("beta2-one", {}, ("--optimizer.beta2", "1.0"), 1, "optimizer.beta2 = 1.0"),
+    ("weight-decay-negative", {}, ("--optimizer.weight_decay=-0.1",), 1, "optimizer.weight_decay"),
+    ("optimizer-name", {}, ("--optimizer.name", "SGD"), 1, "optimizer.name = 'SGD'"),
+    ("min-lr-factor", {}, ("--lr_scheduler.min_lr_factor", "2"), 1, "lr_scheduler.min_lr_factor"),
+    ("checkpoint-interval", {}, ("--checkpoint.enable", "--checkpoint.interval", "0"), 1,
+     "checkpoint.interval = 0"),
+    ("keep-latest-1", {}, ("--checkpoint.enable", "--checkpoint.keep_latest_k", "1"), 1,
+     "checkpoint.keep_latest_k = 1"),
+    ("validation-freq", {}, ("--validation.enable", "--validation.freq", "0"), 1, "validation.freq = 0"),
+    ("norm-type", {}, ("--model.norm_type", "batchnorm"), 1, "model.norm_type = 'batchnorm'"),
+    ("decay", {}, ("--geonorm.attn_decay", "cubic"), 1, "geonorm.attn_decay = 'cubic'"),
+    ("theta-max", {}, ("--geonorm.theta_max", "4"), 1, "geonorm.theta_max = 4"),
+    ("decay-index", {}, ("--geonorm.decay_index", "layer"), 1, "geonorm.decay_index = 'layer'"),
+    ("divergence-action", {}, ("--divergence.action", "ignore"), 1, "divergence.action = 'ignore'"),
+    ("inject-step", {}, ("--divergence.inject_nan_at_step", "0"), 1, "divergence.inject_nan_at_step"),
+    ("mm-momentum", {}, ("--optimizer.manifold_muon.momentum", "1.0"), 1,
+     "optimizer.manifold_muon.momentum"),
+    ("mm-preset", {}, ("--optimizer.manifold_muon.preset", "foo"), 1, "optimizer.manifold_muon.preset"),
+    ("dgram-on-1d", {}, (*MM, "--optimizer.manifold_muon.rules", "norm=dgram"), 1,
+     "optimizer.manifold_muon.rules"),
+    ("flavor", {}, ("--model.flavor", "13B"), 1, "model.flavor = '13B'"),
+    ("degrees-vs-world", {}, ("--parallelism.data_parallel_shard_degree", "3"), 2,
+     "parallelism degrees multiply to 3"),
+    ("tp-vs-heads", {}, ("--parallelism.tensor_parallel_degree", "3"), 3,
+     "tensor_parallel_degree = 3 does not divide the 4 attention heads"),
+    ("tp-vs-kv-heads", {}, ("--parallelism.tensor_parallel_degree", "4"), 4,
+     "tensor_parallel_degree = 4 does not divide the 2 key/value heads"),
+    ("seq-len-vs-tp", {}, ("--parallelism.tensor_parallel_degree", "2", "--training.seq_len", "66"), 2,
+     "training.seq_len = 66"),
+    ("compile-with-tp-on-cpu", {}, ("--parallelism.tensor_parallel_degree", "2", "--compile.enable"), 2,
+     "compile.enable = true with parallelism.tensor_parallel_degree = 2"),
+    ("global-batch", {}, ("--training.global_batch_size", "6"), 1, "training.global_batch_size = 6"),
+    ("validation-steps-all-ranks", {}, ("--validation.enable", "--validation.steps=-1"), 2,
+     "validation.steps = -1"),
+]
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+def _toml_lines(data: dict, prefix: str = "") -> list[str]:
+    lines = []
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    if prefix and scalars:
+        lines.append(f"[{prefix}]")
+    lines += [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
+    for name, table in tables.items():
+        lines += _toml_lines(table, f"{prefix}.{name}" if prefix else name)
+    return lines
+
+
+def config_file(additions: dict, path):
+    """tests/configs/tiny.toml with `additions` merged in, written to `path`."""
+    with open(TINY_CONFIG, "rb") as f:
+        data = tomllib.load(f)
+    for section, values in additions.items():
+        target = data.setdefault(section, {})
+        for key, value in values.items():
+            if isinstance(value, dict):
+                target.setdefault(key, {}).update(value)
+            else:
+                target[key] = value
+    path.write_text("\n".join(_toml_lines(data)) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("additions, overrides, world, expected",
+                         [pytest.param(*c[1:], id=c[0]) for c in CASES])
+def test_bad_config_is_refused(additions, overrides, world, expected, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    path = config_file(additions, tmp_path / "job.toml")
+    job_config = parse_config(["--job.config_file", str(path), "--job.dump_folder",
+                               str(tmp_path / "dump"), *overrides])
+    with pytest.raises(ConfigError) as info:
+        run_preflight(job_config)
+    assert expected in str(info.value)
+
+
+def test_table_is_large_enough():
+    assert len(CASES) >= 25 and len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_launcher_refuses_before_any_compute(tmp_path):
+    """Through the launcher: exit status 2, one line naming the key, nothing written."""
+    dump = tmp_path / "dump"
+    proc = subprocess.run(
+        [sys.executable, "-m", "titan_geonorm.train", "--job.config_file", str(TINY_CONFIG),
+         "--job.dump_folder", str(dump), "--parallelism.tensor_parallel_degree", "2",
+         "--compile.enable"],
+        cwd=REPO, env=env(WORLD_SIZE="2"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "invalid configuration: compile.enable" in proc.stderr
+    assert not dump.exists()
