@@ -99,16 +99,6 @@ def check_vocab(job_config) -> None:
         )
 
 
-def check_model_options(job_config) -> None:
-    """`[model] norm_type/norm_bias`, `[geonorm]`, `[peri_ln]` (checked again at model build)."""
-    from titan_geonorm.models.args import validate_model_config
-
-    try:
-        validate_model_config(job_config)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
 def check_seed_checkpoint(job_config) -> None:
     if not job_config.checkpoint.create_seed_checkpoint:
         return
@@ -133,7 +123,6 @@ def run_preflight(job_config) -> None:
     check_seed_checkpoint(job_config)
     check_geometry_routing(job_config)
     check_vocab(job_config)
-    check_model_options(job_config)
     try:
         validate_data_config(job_config)
     except ConfigError:
