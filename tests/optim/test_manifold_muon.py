@@ -44,13 +44,16 @@ def loss_fn(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), tokens.roll(-1, 1).flatten())
 
 
-def train(model: torch.nn.Module, opt: ManifoldMuon, steps: int, start: int = 0) -> list[float]:
+def train(model: torch.nn.Module, opt: ManifoldMuon, steps: int, start: int = 0,
+          sched=None) -> list[float]:
     losses = []
     for step in range(start, start + steps):
         loss = loss_fn(model, batch(step))
         loss.backward()
         opt.step()
         opt.zero_grad()
+        if sched is not None:
+            sched.step()
         losses.append(loss.item())
     return losses
 
@@ -257,18 +260,6 @@ def _resume(path: str, model: torch.nn.Module) -> ManifoldMuon:
     return opt
 
 
-def _scheduled(model: torch.nn.Module, opt: ManifoldMuon, sched, steps: int, start: int) -> list[float]:
-    losses = []
-    for step in range(start, start + steps):
-        loss = loss_fn(model, batch(step))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        sched.step()
-        losses.append(loss.item())
-    return losses
-
-
 def test_resume_keeps_lr_schedule_on_every_geometry():
     """`set_optimizer_state_dict` replaces the param-group dicts; the scheduler's later lrs must
     still reach every geometry (a unit holding the old dict kept stepping at the stale lr)."""
@@ -279,12 +270,12 @@ def test_resume_keeps_lr_schedule_on_every_geometry():
     opt.project_()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     assert {g["geometry"] for g in opt.param_groups} == {"adamw", "muon", "stiefel", "dgram"}
-    uninterrupted = _scheduled(model, opt, sched, 2, start=0)
+    uninterrupted = train(model, opt, 2, start=0, sched=sched)
     saved = copy.deepcopy(
         {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt, options=FLAT),
          "sched": sched.state_dict()}
     )
-    uninterrupted += _scheduled(model, opt, sched, 3, start=2)
+    uninterrupted += train(model, opt, 3, start=2, sched=sched)
 
     resumed_model = build_model(seed=1)
     resumed_opt = ManifoldMuon(resumed_model.named_parameters(), config("hetero", **kw), lr=1e-3)
@@ -293,7 +284,7 @@ def test_resume_keeps_lr_schedule_on_every_geometry():
     resumed_model.load_state_dict(saved["model"])
     set_optimizer_state_dict(resumed_model, resumed_opt, saved["optim"], options=FLAT)
     resumed_sched.load_state_dict(saved["sched"])
-    resumed = _scheduled(resumed_model, resumed_opt, resumed_sched, 3, start=2)
+    resumed = train(resumed_model, resumed_opt, 3, start=2, sched=resumed_sched)
     assert resumed == pytest.approx(uninterrupted[2:], abs=1e-6)
     weights, expected = full_weights(resumed_model), full_weights(model)
     assert all(torch.allclose(weights[k], expected[k], atol=1e-6) for k in expected)
