@@ -26,6 +26,7 @@ are real. DESIGN.md section 2 has the timings seen on a 2-core CPU.
 
 import argparse
 import copy
+import gc
 import json
 import os
 import re
@@ -42,7 +43,8 @@ _TP_SHARDED = re.compile(r"(attention\.w[qkvo]|feed_forward\.w[123]|tok_embeddin
 _MATRIX = re.compile(r"(attention\.w[qkvo]|feed_forward\.w[123])\.weight$")
 
 
-def dry_run_args(flavor: str, tp: int, optimizer: str, model: str, dump: str, steps: int) -> list[str]:
+def dry_run_args(flavor: str, tp: int, optimizer: str, model: str, dump: str, steps: int,
+                 project: bool = True) -> list[str]:
     """CLI for `train_configs/llama3_8b.toml` shrunk to one short step on CPU."""
     return [
         "--job.config_file", str(CONFIG), "--job.dump_folder", dump, "--comm.mode", "fake_backend",
@@ -52,6 +54,7 @@ def dry_run_args(flavor: str, tp: int, optimizer: str, model: str, dump: str, st
         "--training.steps", str(max(steps, 1)), "--compile.no-enable", "--checkpoint.no-enable",
         "--metrics.no-enable-tensorboard", "--metrics.log_freq", "1",
         "--optimizer.manifold_muon.no-log-assignment",
+        "--optimizer.manifold_muon." + ("" if project else "no-") + "project-at-init",
         # Fake collectives return garbage, so losses may be NaN: nothing to guard.
         "--divergence.action", "off",
     ]
@@ -64,23 +67,30 @@ def _local_bytes(t) -> int:
     return local.numel() * local.element_size()
 
 
-def run(args) -> dict:
-    """Rank 0 of `ngpu` with fake collectives; returns the measured numbers."""
-    os.environ.update(NGPU=str(args.ngpu), LOCAL_RANK="0", RANK="0", WORLD_SIZE=str(args.ngpu))
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
-    import titan_geonorm  # noqa: F401  (CPU patches before torchtitan)
+def _owned(optimizers) -> dict:
+    """Rank 0's share of ManifoldMuon's owner work: matrices owned and their elements."""
+    from titan_geonorm.optim.manifold_muon import ManifoldMuon
+
+    units = [u for opt in optimizers if isinstance(opt, ManifoldMuon) for plan in opt._plans
+             for u in plan.units if u.owner == plan.rank]
+    total = sum(len(plan.units) for opt in optimizers if isinstance(opt, ManifoldMuon) for plan in opt._plans)
+    return {"matrices": total, "owned_by_rank0": len(units),
+            "owned_elements": sum(u.shape[0] * u.shape[1] for u in units)}
+
+
+def run_one(args, model: str, optimizer: str) -> dict:
+    """Rank 0 of `args.ngpu` with fake collectives: build, `args.steps` steps, measure."""
     import torch
-    from torchtitan.tools.logging import init_logger
+    import torch.distributed as dist
 
     from titan_geonorm.preflight import run_preflight
     from titan_geonorm.train import parse_config
     from titan_geonorm.trainer import GeoNormTrainer
 
-    init_logger()
     begin = time.monotonic()
     with tempfile.TemporaryDirectory() as dump:
-        job_config = parse_config(dry_run_args(args.flavor, args.tp, args.optimizer, args.model,
-                                               dump, args.steps))
+        job_config = parse_config(dry_run_args(args.flavor, args.tp, optimizer, model, dump,
+                                               args.steps, not args.no_projection))
         run_preflight(job_config)
         trainer = GeoNormTrainer(job_config)
         built = time.monotonic() - begin
@@ -90,18 +100,46 @@ def run(args) -> dict:
         for _ in range(args.steps):
             trainer.step += 1
             trainer.train_step(batches)
+        # What a checkpoint save does first: torch optimizers create state lazily, and
+        # `get_optimizer_state_dict` initializes it with an lr = 0 step on zero gradients.
+        trainer.optimizers.state_dict()
         params = sum(_local_bytes(p) for m in trainer.model_parts for p in m.parameters())
         state = sum(_local_bytes(v) for opt in trainer.optimizers.optimizers
                     for s in opt.state.values() for v in s.values()
                     if isinstance(v, torch.Tensor) and v.ndim > 0)
+        owned = _owned(trainer.optimizers.optimizers) if optimizer == "ManifoldMuon" else {}
+        rss = _rss_bytes()
         trainer.close()
+        dist.destroy_process_group()
+        del trainer, batches
+        gc.collect()
     return {
-        "mode": "dry_run", "flavor": args.flavor, "model": args.model, "ngpu": args.ngpu,
-        "tp": args.tp, "optimizer": args.optimizer, "steps": args.steps,
-        "param_bytes": params, "optimizer_state_bytes": state,
+        "mode": "dry_run", "flavor": args.flavor, "model": model, "ngpu": args.ngpu,
+        "tp": args.tp, "optimizer": optimizer, "steps": args.steps,
+        "projection": optimizer == "ManifoldMuon" and not args.no_projection,
+        "param_bytes": params, "optimizer_state_bytes": state, **owned,
         "build_s": round(built, 1), "wall_s": round(time.monotonic() - begin, 1),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_bytes": rss,
+        "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+
+
+def _rss_bytes() -> int:
+    """Resident memory now (the peak is per process, and one process runs several builds)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run(args):
+    """Every (model, optimizer) pair in one process, one JSON line each."""
+    os.environ.update(NGPU=str(args.ngpu), LOCAL_RANK="0", RANK="0", WORLD_SIZE=str(args.ngpu))
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    import titan_geonorm  # noqa: F401  (CPU patches before torchtitan)
+    from torchtitan.tools.logging import init_logger
+
+    init_logger()
+    for model in args.model:
+        for optimizer in args.optimizer:
+            yield run_one(args, model, optimizer)
 
 
 def shapes(model: str, flavor: str) -> dict[str, tuple[int, ...]]:
@@ -154,16 +192,28 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("run", "estimate"))
     parser.add_argument("--flavor", default="8B")
-    parser.add_argument("--model", default="llama3_titan", help="train spec name")
+    parser.add_argument("--model", nargs="+", default=["llama3_titan"],
+                        help="train spec names (run: each one in turn; estimate: the first)")
     parser.add_argument("--ngpu", type=int, default=64)
     parser.add_argument("--tp", type=int, default=8)
-    parser.add_argument("--optimizer", default="AdamW", choices=("AdamW", "ManifoldMuon"))
+    parser.add_argument("--optimizer", nargs="+", default=["AdamW"], choices=("AdamW", "ManifoldMuon"))
     parser.add_argument("--steps", type=int, default=1, help="run: training steps (0: build only)")
+    parser.add_argument("--no-projection", action="store_true",
+                        help="run: ManifoldMuon with project_at_init = false (skips rank 0's SVDs)")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.ngpu % args.tp:
         parser.error(f"--ngpu {args.ngpu} is not divisible by --tp {args.tp}")
-    result = run(args) if args.mode == "run" else estimate(args.model, args.flavor, args.ngpu, args.tp)
-    print(json.dumps(result), file=sys.stdout, flush=True)
+    results = []
+    if args.mode == "estimate":
+        results.append(estimate(args.model[0], args.flavor, args.ngpu, args.tp))
+        print(json.dumps(results[-1]), flush=True)
+    else:
+        for result in run(args):
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

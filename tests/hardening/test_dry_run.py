@@ -1,7 +1,9 @@
-"""One production-scale dry run in CI: Llama-3 8B as rank 0 of 64 (FSDP 8 x TP 8), fake
-collectives, construction only; its parameter memory must equal the shape-based estimate that
-docs/scaling.md is built from."""
+"""Production-scale dry runs in CI (torchtitan's `--comm.mode fake_backend`, rank 0 of N, fake
+collectives): Llama-3 8B as rank 0 of 64 (FSDP 8 x TP 8) and 70B as rank 0 of 256 (FSDP 32 x TP 8),
+every block variant, AdamW and ManifoldMuon. Each build's parameter and optimizer-state memory must
+equal the shape-based estimate that docs/scaling.md's tables come from."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,16 +12,46 @@ import pytest
 
 from tests.launch import REPO, env
 
+MODELS = ("llama3_titan", "llama3_preln", "llama3_postln", "llama3_periln", "llama3_geonorm")
+_spec = importlib.util.spec_from_file_location("dry_run", REPO / "scripts" / "dry_run.py")
+dry_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(dry_run)
 
-def _json(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, "scripts/dry_run.py", *args], cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=300)
+
+def _runs(*args: str, timeout: int = 600) -> list[dict]:
+    proc = subprocess.run([sys.executable, "scripts/dry_run.py", "run", "--steps", "0", *args],
+                          cwd=REPO, env=env(OMP_NUM_THREADS="2"), capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"mode"')]
 
 
-def test_8b_on_64_ranks_builds_and_matches_estimate():
-    measured = _json("run", "--flavor", "8B", "--ngpu", "64", "--tp", "8", "--steps", "0")
-    estimated = _json("estimate", "--flavor", "8B", "--ngpu", "64", "--tp", "8")
-    assert estimated["params_total"] == pytest.approx(8.03e9, rel=1e-3)
-    assert measured["param_bytes"] == pytest.approx(estimated["param_GiB"] * 2**30, rel=1e-3)
+def _check_against_estimate(result: dict) -> None:
+    est = dry_run.estimate(result["model"], result["flavor"], result["ngpu"], result["tp"])
+    assert result["param_bytes"] == pytest.approx(est["param_GiB"] * 2**30, rel=1e-4), result
+    key = {"AdamW": "adamw_state_GiB", "ManifoldMuon": "manifold_muon_state_GiB"}[result["optimizer"]]
+    assert result["optimizer_state_bytes"] == pytest.approx(est[key] * 2**30, rel=1e-4), result
+
+
+@pytest.mark.parametrize("flavor,ngpu,params_total", [("8B", 64, 8.03e9), ("70B", 256, 70.55e9)])
+def test_every_variant_and_optimizer_builds_at_scale(flavor, ngpu, params_total):
+    # Without the init projection: rank 0's SVDs of its own matrices are the only cost that grows
+    # with the model (test below), and every variant shares them.
+    results = _runs("--flavor", flavor, "--ngpu", str(ngpu), "--tp", "8", "--model", *MODELS,
+                    "--optimizer", "AdamW", "ManifoldMuon", "--no-projection")
+    assert [(r["model"], r["optimizer"]) for r in results] == [
+        (m, o) for m in MODELS for o in ("AdamW", "ManifoldMuon")
+    ]
+    for result in results:
+        _check_against_estimate(result)
+        if result["optimizer"] == "ManifoldMuon":
+            # Owners balanced over the whole mesh: rank 0 gets its share of the 7 L matrices.
+            assert result["matrices"] >= ngpu and 1 <= result["owned_by_rank0"] <= 2 * result["matrices"] / ngpu
+    assert dry_run.estimate("llama3_titan", flavor, ngpu, 8)["params_total"] == pytest.approx(params_total, rel=1e-3)
+
+
+def test_manifold_muon_projects_at_init_on_rank0_of_64():
+    (result,) = _runs("--flavor", "8B", "--ngpu", "64", "--tp", "8", "--model", "llama3_geonorm",
+                      "--optimizer", "ManifoldMuon")
+    assert result["projection"] and result["owned_by_rank0"] >= 1
+    _check_against_estimate(result)

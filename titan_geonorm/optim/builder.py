@@ -19,8 +19,9 @@ __all__ = ["ManifoldMuonContainer", "build_optimizers"]
 
 class ManifoldMuonContainer(OptimizersContainer):
     """One `ManifoldMuon` per model part; projects manifold weights onto their manifolds at
-    construction (torchtitan builds the optimizer right after `init_weights`, and a checkpoint
-    load afterwards overwrites weights with already-projected ones)."""
+    construction unless `project_at_init = false` (torchtitan builds the optimizer right after
+    `init_weights`, and a checkpoint load afterwards overwrites weights with already-projected
+    ones)."""
 
     def __init__(self, model_parts: list[nn.Module], config: ManifoldMuonConfig, adamw_kwargs: dict) -> None:
         self.model_parts = model_parts
@@ -28,8 +29,9 @@ class ManifoldMuonContainer(OptimizersContainer):
         all_params = [p for part in model_parts for p in part.parameters() if p.requires_grad]
         self._validate_length(len(model_parts))
         self._post_init(all_params, {"lr": adamw_kwargs["lr"]})
-        for optimizer in self.optimizers:
-            optimizer.project_()
+        if config.project_at_init:
+            for optimizer in self.optimizers:
+                optimizer.project_()
         if config.log_assignment:
             for optimizer in self.optimizers:
                 for name, geometry in optimizer.assignment.items():

@@ -85,6 +85,12 @@ class ManifoldMuonConfig:
     """DGram retraction: idempotent msign(Y) diag(||col_j(Y)||) | svd_rank (reference, permutes
     column norms)."""
 
+    project_at_init: bool = True
+    """Project every Stiefel/DGram weight onto its manifold when the optimizer is built (an SVD of
+    each matrix, on its owner rank). Only turn off when the run's weights come from a checkpoint of
+    this optimizer (already on their manifolds) or for a dry run: the first retraction would
+    otherwise jump a random initialization onto the manifold."""
+
     log_assignment: bool = True
     """Log which parameter got which geometry when the optimizer is built."""
 

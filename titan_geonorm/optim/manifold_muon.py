@@ -12,10 +12,12 @@ Param groups are per geometry (`muon`, `stiefel`, `dgram`, `adamw`). Per step:
    same-shape matrices, and a second all-to-all returns each rank its shards of the result (the
    muon update, or the new weights and `Lambda`).
 
-Shards are located through index maps: each rank computes, without communication, which flat
-global indices its local shard holds (`distribute_tensor(arange, mesh, placements,
-src_data_rank=None)`), which covers `Shard`, `_StridedShard` (FSDP x TP) and `Replicate` alike.
-Owners receive these maps once, on the first step, and cache them.
+Shards are located as blocks: sharding a 2-D tensor on one dim selects indices of that dim only,
+so a local shard is `rows x cols` of the global matrix. Each rank finds its rows (and its cols) by
+sharding `arange` of that one dim like the parameter (`distribute_tensor(..., src_data_rank=None)`,
+no communication), which covers `Shard`, `_StridedShard` (FSDP x TP) and `Replicate` alike; a
+contiguous range is kept as a `slice`, anything else as a list. Owners receive every rank's blocks
+once, on the first exchange. Nothing of the parameters' size is materialized for the bookkeeping.
 
 State, all savable with `get_optimizer_state_dict(..., flatten_optimizer_state_dict=True)` and
 resharded by DCP: `momentum_buffer` has its parameter's placements; `dual` (the warm start
@@ -31,7 +33,9 @@ from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import zeros as distributed_zeros
+from torch.distributed.tensor.placement_types import _StridedShard
 from torch.optim.adamw import adamw
 
 from titan_geonorm.optim.config import ManifoldMuonConfig
@@ -67,11 +71,10 @@ class _Unit:
     # resume) replaces the group dicts, and the LR scheduler then updates only the new ones.
     group_index: int
     owner: int = 0
-    # key -> this rank's index map (flat global indices of its local shard); keys are
-    # ("param", i) and ("dual", 0).
-    local_maps: dict = field(default_factory=dict)
-    # key -> [index map of every rank of the mesh], only on the owner.
-    all_maps: dict = field(default_factory=dict)
+    # key -> this rank's `_Block`; keys are ("param", i) and ("dual", 0).
+    local_blocks: dict = field(default_factory=dict)
+    # key -> [`_Block` of every rank of the mesh], only on the owner.
+    all_blocks: dict = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -95,7 +98,7 @@ class _MeshPlan:
     rank: int
     size: int
     units: list[_Unit]
-    maps_ready: bool = False
+    blocks_ready: bool = False
 
 
 def _mesh_group(param: torch.Tensor) -> dist.ProcessGroup | None:
@@ -114,13 +117,57 @@ def _mesh_group(param: torch.Tensor) -> dist.ProcessGroup | None:
     return None
 
 
-def _index_map(like: torch.Tensor, shape: tuple[int, ...], placements=None) -> torch.Tensor:
-    """Flat global indices held locally by a tensor of global `shape` laid out like `like`."""
-    ids = torch.arange(torch.Size(shape).numel(), dtype=torch.int64, device=_local(like).device).view(shape)
+@dataclass(frozen=True)
+class _Block:
+    """The rows x cols of a 2-D global tensor that one rank holds, in its local (row-major) order;
+    each a `slice` when contiguous, else a list of global indices."""
+
+    rows: slice | list[int]
+    cols: slice | list[int]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(len(x) if isinstance(x, list) else x.stop - x.start for x in (self.rows, self.cols))
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def index(self, device: torch.device) -> tuple:
+        """Index of the block into the global matrix: `full[block.index(device)]`."""
+        rows, cols = (torch.tensor(x, device=device) if isinstance(x, list) else x for x in (self.rows, self.cols))
+        if isinstance(rows, torch.Tensor) and isinstance(cols, torch.Tensor):
+            rows = rows[:, None]
+        return rows, cols
+
+
+def _compact(ids: torch.Tensor) -> slice | list[int]:
+    if ids.numel() == 0:
+        return slice(0, 0)
+    first = int(ids[0])
+    if bool((ids == torch.arange(first, first + ids.numel(), device=ids.device)).all()):
+        return slice(first, first + ids.numel())
+    return ids.tolist()
+
+
+def _local_block(like: torch.Tensor, shape: tuple[int, int], placements=None) -> _Block:
+    """The block held locally by a tensor of global `shape` laid out like `like`."""
     if not isinstance(like, DTensor):
-        return ids.reshape(-1)
+        return _Block(slice(0, shape[0]), slice(0, shape[1]))
     placements = like.placements if placements is None else placements
-    return distribute_tensor(ids, like.device_mesh, placements, src_data_rank=None).to_local().reshape(-1)
+    per_dim = []
+    for dim in range(2):
+        # Sharding on `dim` becomes the same sharding of a 1-D tensor; any other placement
+        # leaves `dim` whole.
+        layout = [
+            _StridedShard(0, split_factor=p.split_factor) if isinstance(p, _StridedShard) and p.dim == dim
+            else Shard(0) if isinstance(p, Shard) and p.dim == dim
+            else Replicate()
+            for p in placements
+        ]
+        ids = torch.arange(shape[dim], dtype=torch.int64, device=_local(like).device)
+        per_dim.append(_compact(distribute_tensor(ids, like.device_mesh, layout, src_data_rank=None).to_local()))
+    return _Block(*per_dim)
 
 
 def _dual_placements(param: DTensor) -> list:
@@ -237,10 +284,10 @@ class ManifoldMuon(torch.optim.Optimizer):
                 load[units[i].owner] += units[i].cost(self.config.dual_steps)
             for unit in units:
                 for i, p in enumerate(unit.params):
-                    unit.local_maps[("param", i)] = _index_map(p, tuple(p.shape))
+                    unit.local_blocks[("param", i)] = _local_block(p, tuple(p.shape))
                 n = unit.dual_size
                 placements = _dual_placements(unit.params[0]) if isinstance(unit.params[0], DTensor) else None
-                unit.local_maps[("dual", 0)] = _index_map(unit.params[0], (n, n), placements)
+                unit.local_blocks[("dual", 0)] = _local_block(unit.params[0], (n, n), placements)
             plans.append(_MeshPlan(group, rank, size, units))
         return plans
 
@@ -258,33 +305,18 @@ class ManifoldMuon(torch.optim.Optimizer):
         )
         return list(out.split(recv_sizes))
 
-    def _gather_maps(self, plan: _MeshPlan) -> None:
-        """Once: every owner learns every rank's index maps of the units it owns."""
-        like = _local(plan.units[0].params[0])
-        send = [[] for _ in range(plan.size)]
-        for unit in plan.units:
-            send[unit.owner] += [unit.local_maps[k].to(like.device) for k in sorted(unit.local_maps)]
-        sizes = torch.tensor([sum(c.numel() for c in parts) for parts in send], dtype=torch.int64, device=like.device)
-        recv_sizes = sizes.clone()
+    def _gather_blocks(self, plan: _MeshPlan) -> None:
+        """Once: every owner learns which block of each of its units every rank holds."""
+        mine = [[unit.local_blocks[k] for k in sorted(unit.local_blocks)] for unit in plan.units]
+        everyone = [mine]
         if plan.group is not None:
-            dist.all_to_all_single(recv_sizes, sizes, group=plan.group)
-        # Per-map sizes vary by rank (uneven shards), so they travel first.
-        counts = [[unit.local_maps[k].numel() for k in sorted(unit.local_maps)] for unit in plan.units]
-        all_counts = [None] * plan.size
-        if plan.group is None:
-            all_counts = [counts]
-        else:
-            dist.all_gather_object(all_counts, counts, group=plan.group)
-        ids = self._all_to_all(plan, send, recv_sizes.tolist(), like.new_empty(0, dtype=torch.int64))
-        for src, buf in enumerate(ids):
-            offset = 0
-            for ui, unit in enumerate(plan.units):
-                if unit.owner != plan.rank:
-                    continue
-                for k, count in zip(sorted(unit.local_maps), all_counts[src][ui]):
-                    unit.all_maps.setdefault(k, [None] * plan.size)[src] = buf[offset : offset + count]
-                    offset += count
-        plan.maps_ready = True
+            everyone = [None] * plan.size
+            dist.all_gather_object(everyone, mine, group=plan.group)
+        for u, unit in enumerate(plan.units):
+            if unit.owner == plan.rank:
+                for j, key in enumerate(sorted(unit.local_blocks)):
+                    unit.all_blocks[key] = [everyone[src][u][j] for src in range(plan.size)]
+        plan.blocks_ready = True
 
     def _exchange(
         self,
@@ -299,11 +331,11 @@ class ManifoldMuon(torch.optim.Optimizer):
         `inputs(u)`: `[((name, kind, i), local shard)]`; `compute(owned, fulls)` runs on each
         owner with `fulls[j][(name, kind, i)]` the flat global tensors and returns full outputs
         keyed the same way; `outputs(u)` lists the output keys in travel order. Returns
-        `{id(unit): {key: flat local shard}}` on every rank. Map key of `(name, kind, i)`:
+        `{id(unit): {key: flat local shard}}` on every rank. Block key of `(name, kind, i)`:
         `(kind, i)`.
         """
-        if not plan.maps_ready:
-            self._gather_maps(plan)
+        if not plan.blocks_ready:
+            self._gather_blocks(plan)
         like = _local(plan.units[0].params[0]).new_empty(0, dtype=torch.float32)
         local_in = {id(u): inputs(u) for u in units}
         send = [[] for _ in range(plan.size)]
@@ -311,7 +343,7 @@ class ManifoldMuon(torch.optim.Optimizer):
             send[unit.owner] += [t.reshape(-1).float() for _, t in local_in[id(unit)]]
         owned = [u for u in units if u.owner == plan.rank]
         recv_sizes = [
-            sum(u.all_maps[key[1:]][src].numel() for u in owned for key, _ in local_in[id(u)])
+            sum(u.all_blocks[key[1:]][src].numel for u in owned for key, _ in local_in[id(u)])
             for src in range(plan.size)
         ]
         received = self._all_to_all(plan, send, recv_sizes, like)
@@ -319,19 +351,24 @@ class ManifoldMuon(torch.optim.Optimizer):
         offsets = [0] * plan.size
         for j, unit in enumerate(owned):
             for key, _ in local_in[id(unit)]:
-                full = like.new_empty(self._numel(unit, key[1:]))
+                shape = self._shape(unit, key[1:])
+                # Zeros, not empty: with fake collectives (dry runs) the blocks need not cover it.
+                full = like.new_zeros(shape)
                 for src in range(plan.size):
-                    idx = unit.all_maps[key[1:]][src]
-                    full[idx] = received[src][offsets[src] : offsets[src] + idx.numel()]
-                    offsets[src] += idx.numel()
-                fulls[j][key] = full
+                    block = unit.all_blocks[key[1:]][src]
+                    full[block.index(full.device)] = received[src][offsets[src] : offsets[src] + block.numel].view(block.shape)
+                    offsets[src] += block.numel
+                fulls[j][key] = full.view(-1)
         results = compute(owned, fulls) if owned else []
         back = [[] for _ in range(plan.size)]
         for unit, result in zip(owned, results):
             for dst in range(plan.size):
-                back[dst] += [result[key].reshape(-1)[unit.all_maps[key[1:]][dst]] for key in outputs(unit)]
+                for key in outputs(unit):
+                    block = unit.all_blocks[key[1:]][dst]
+                    full = result[key].reshape(self._shape(unit, key[1:]))
+                    back[dst].append(full[block.index(full.device)].reshape(-1))
         back_sizes = [
-            sum(u.local_maps[key[1:]].numel() for u in units if u.owner == src for key in outputs(u))
+            sum(u.local_blocks[key[1:]].numel for u in units if u.owner == src for key in outputs(u))
             for src in range(plan.size)
         ]
         returned = self._all_to_all(plan, back, back_sizes, like)
@@ -340,7 +377,7 @@ class ManifoldMuon(torch.optim.Optimizer):
         for unit in units:
             parts = {}
             for key in outputs(unit):
-                count = unit.local_maps[key[1:]].numel()
+                count = unit.local_blocks[key[1:]].numel
                 parts[key] = returned[unit.owner][offsets[unit.owner] : offsets[unit.owner] + count]
                 offsets[unit.owner] += count
             local_out[id(unit)] = parts
@@ -351,9 +388,9 @@ class ManifoldMuon(torch.optim.Optimizer):
         return self.param_groups[unit.group_index]
 
     @staticmethod
-    def _numel(unit: _Unit, map_key: tuple) -> int:
-        kind, i = map_key
-        return unit.dual_size**2 if kind == "dual" else unit.params[i].numel()
+    def _shape(unit: _Unit, block_key: tuple) -> tuple[int, int]:
+        kind, i = block_key
+        return (unit.dual_size,) * 2 if kind == "dual" else tuple(unit.params[i].shape)
 
     # ----------------------------------------------------------------- owner-side math
 
@@ -416,10 +453,13 @@ class ManifoldMuon(torch.optim.Optimizer):
         if "dual" in state:
             return
         n, like = unit.dual_size, unit.params[0]
-        zeros = torch.zeros(n, n, dtype=torch.float32, device=_local(like).device)
         if isinstance(like, DTensor):
-            zeros = distribute_tensor(zeros, like.device_mesh, _dual_placements(like), src_data_rank=None)
-        state["dual"] = zeros
+            # Allocates the local shard only (n^2 is 256 MiB per 70B matrix).
+            state["dual"] = distributed_zeros(
+                n, n, dtype=torch.float32, device_mesh=like.device_mesh, placements=_dual_placements(like)
+            )
+        else:
+            state["dual"] = torch.zeros(n, n, dtype=torch.float32, device=like.device)
         state["dual_step"] = torch.tensor(0.0)
 
     def _adamw(self, group: dict) -> None:
