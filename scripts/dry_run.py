@@ -1,13 +1,18 @@
 """Scale-out checks on one CPU: fake-backend dry runs and per-rank memory/traffic from shapes.
 
-    # rank 0 of 64 (FSDP 8 x TP 8) with fake collectives: build, parallelize, optimizer, 1 step
-    python scripts/dry_run.py run --flavor 8B --ngpu 64 --tp 8 --optimizer AdamW --steps 1
+    # rank 0 of 64 (FSDP 8 x TP 8) with fake collectives: build, parallelize, optimizer;
+    # every listed variant and optimizer in turn, one process
+    python scripts/dry_run.py run --flavor 8B --ngpu 64 --tp 8 --steps 0 \
+        --model llama3_titan llama3_geonorm --optimizer AdamW ManifoldMuon --json out.json
     # the same numbers computed from the model shapes alone, for the doc's tables
     python scripts/dry_run.py estimate --flavor 70B --ngpu 256 --tp 8
 
-`run` prints one JSON line: rank 0's parameter bytes and optimizer-state bytes (sums of local
-shard sizes, after `--steps` steps since torch optimizers create state lazily), peak RSS and wall
-time. `estimate` computes the same memory, plus the per-step parameter-related traffic of FSDP
+`run` prints one JSON line per build: rank 0's parameter bytes and optimizer-state bytes (sums of
+local shard sizes; the state is initialized as a checkpoint save does, by an lr = 0 step on zero
+gradients, so `--steps 0` suffices), ManifoldMuon's owner assignment (matrices in all, owned by
+rank 0, their elements), resident memory and wall time. `--no-projection` skips ManifoldMuon's
+init projection (rank 0's SVDs of its owned matrices, the one cost that grows with the model).
+`estimate` computes the same memory, plus the per-step parameter-related traffic of FSDP
 and of ManifoldMuon's owner all-to-alls, from the shapes of a meta-device model:
 
     shard(p)        = numel(p) / tp (if TP shards p, else numel(p)) / dp_shard
