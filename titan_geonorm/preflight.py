@@ -279,11 +279,35 @@ def check_combinations(job_config) -> None:
             f"compile.enable = true with parallelism.tensor_parallel_degree = {tp} is known broken on "
             f"CPU with torch {torch.__version__} (wrong losses or crashes): disable one of them"
         )
+    if p.pipeline_parallel_degree > 1:
+        _check_pipeline(job_config)
     v = job_config.validation
     if v.enable and v.steps == -1 and _world_size(job_config) > 1:
         raise ConfigError(
             "validation.steps = -1 (whole held-out split) with more than one rank can hang when "
             "ranks hold different numbers of batches: set a positive validation.steps"
+        )
+
+
+def _check_pipeline(job_config) -> None:
+    pp = job_config.parallelism.pipeline_parallel_degree
+    if job_config.optimizer.name == "ManifoldMuon":
+        # Its owner all-to-alls assume every rank of a parameter's group holds the same matrices;
+        # pipeline stages hold different ones (untested, so refused rather than guessed).
+        raise ConfigError(
+            f"optimizer.name = 'ManifoldMuon' with parallelism.pipeline_parallel_degree = {pp} is not "
+            "supported: use FSDP/TP, or AdamW with pipeline parallelism"
+        )
+    stages = job_config.parallelism.module_fqns_per_model_part
+    if job_config.model.name == "llama3_periln" and job_config.peri_ln.embedding_norm and not any(
+        "tok_embeddings" in stage and "emb_norm" in stage for stage in stages or []
+    ):
+        # torchtitan's default stage split lists tok_embeddings/layers/norm/output only and
+        # sets every other top-level module to None: the embedding norm would silently vanish.
+        raise ConfigError(
+            f"peri_ln.embedding_norm = true with parallelism.pipeline_parallel_degree = {pp}: list "
+            '"emb_norm" after "tok_embeddings" in parallelism.module_fqns_per_model_part (the default '
+            "stage split drops it)"
         )
 
 

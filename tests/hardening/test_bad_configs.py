@@ -62,6 +62,11 @@ CASES = [
     ("global-batch", {}, ("--training.global_batch_size", "6"), 1, "training.global_batch_size = 6"),
     ("validation-steps-all-ranks", {}, ("--validation.enable", "--validation.steps=-1"), 2,
      "validation.steps = -1"),
+    ("pp-with-manifold-muon", {}, (*MM, "--parallelism.pipeline_parallel_degree", "2"), 2,
+     "optimizer.name = 'ManifoldMuon' with parallelism.pipeline_parallel_degree = 2"),
+    ("pp-drops-emb-norm", {"peri_ln": {"embedding_norm": True}},
+     ("--model.name", "llama3_periln", "--parallelism.pipeline_parallel_degree", "2"), 2,
+     "peri_ln.embedding_norm = true with parallelism.pipeline_parallel_degree = 2"),
 ]
 
 
