@@ -9,8 +9,9 @@
 
 `run` prints one JSON line per build: rank 0's parameter bytes and optimizer-state bytes (sums of
 local shard sizes; the state is initialized as a checkpoint save does, by an lr = 0 step on zero
-gradients, so `--steps 0` suffices), ManifoldMuon's owner assignment (matrices in all, owned by
-rank 0, their elements), resident memory and wall time. `--no-projection` skips ManifoldMuon's
+gradients, so `--steps 0` suffices), ManifoldMuon's owner assignment (matrices in all, ranks that
+own any, the busiest rank's estimated work over the mean, rank 0's matrices and their elements),
+resident memory and wall time. `--no-projection` skips ManifoldMuon's
 init projection (rank 0's SVDs of its owned matrices, the one cost that grows with the model).
 `estimate` computes the same memory, plus the per-step parameter-related traffic of FSDP
 and of ManifoldMuon's owner all-to-alls, from the shapes of a meta-device model:
@@ -73,14 +74,20 @@ def _local_bytes(t) -> int:
 
 
 def _owned(optimizers) -> dict:
-    """Rank 0's share of ManifoldMuon's owner work: matrices owned and their elements."""
+    """ManifoldMuon's owner assignment: rank 0's share, and the balance over the whole mesh (the
+    assignment is computed identically on every rank, so rank 0 sees all of it)."""
     from titan_geonorm.optim.manifold_muon import ManifoldMuon
 
-    units = [u for opt in optimizers if isinstance(opt, ManifoldMuon) for plan in opt._plans
-             for u in plan.units if u.owner == plan.rank]
-    total = sum(len(plan.units) for opt in optimizers if isinstance(opt, ManifoldMuon) for plan in opt._plans)
-    return {"matrices": total, "owned_by_rank0": len(units),
-            "owned_elements": sum(u.shape[0] * u.shape[1] for u in units)}
+    plans = [(opt, plan) for opt in optimizers if isinstance(opt, ManifoldMuon) for plan in opt._plans]
+    loads: dict[int, float] = {}
+    for opt, plan in plans:
+        for u in plan.units:
+            loads[u.owner] = loads.get(u.owner, 0.0) + u.cost(opt.config.dual_steps)
+    mine = [u for _, plan in plans for u in plan.units if u.owner == plan.rank]
+    size = max(plan.size for _, plan in plans)
+    return {"matrices": sum(len(plan.units) for _, plan in plans), "owner_ranks": len(loads),
+            "owner_load_max_over_mean": round(max(loads.values()) / (sum(loads.values()) / size), 3),
+            "owned_by_rank0": len(mine), "owned_elements": sum(u.shape[0] * u.shape[1] for u in mine)}
 
 
 def run_one(args, model: str, optimizer: str) -> dict:
