@@ -10,6 +10,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 DECAY_SCHEDULES = ("none", "sqrt", "harmonic", "linear")
 
@@ -55,24 +56,91 @@ def geodesic_step(
     Computed in fp32 (or the input's wider dtype) and cast back. The second term is written as
     `step_eff * sinc(theta) * v` with `step_eff = theta ||h|| / ||v||`, which never divides by
     ||v||: a zero update gives exactly h' = h with finite gradients.
+
+    Plain tensors go through `_GeodesicStep`, whose hand-written backward makes half the passes
+    over the activations that autograd's does; DTensors (sequence-parallel TP) through autograd.
     """
+    if isinstance(h, DTensor) or isinstance(u, DTensor):
+        return _forward(h, u, step, theta_max, center)[0]
+    return _GeodesicStep.apply(h, u, step, theta_max, center)
+
+
+def _forward(h, u, step, theta_max: float, center: bool):
+    """`geodesic_step`'s output and the per-row intermediates its backward needs."""
     dtype = torch.promote_types(h.dtype, torch.float32)
     h32, u32 = h.to(dtype), u.to(dtype)
     if isinstance(step, torch.Tensor):
         step = step.to(dtype)
     if center:
         u32 = u32 - u32.mean(dim=-1, keepdim=True)
-    sq_norm = (h32 * h32).sum(dim=-1, keepdim=True).clamp_min(_MIN_SQ_NORM)
-    v = u32 - ((h32 * u32).sum(dim=-1, keepdim=True) / sq_norm) * h32
-    # ||v|| = m ||v / m|| for any m > 0; m = max|v_i| (at least 1) keeps ||v||^2 from
-    # overflowing for huge updates. Detached: the identity holds for every m.
-    m = v.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
-    ratio = torch.linalg.vector_norm(v / m, dim=-1, keepdim=True) * (m / sq_norm.sqrt())
+    sq_norm = _dot(h32, h32).clamp_min(_MIN_SQ_NORM)
+    c = _dot(h32, u32) / sq_norm
+    v = torch.addcmul(u32, c, h32, value=-1)
+    # Accumulated in fp64 so that ||v||^2 cannot overflow for huge updates.
+    v_norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True, dtype=torch.float64).to(dtype)
+    ratio = v_norm / sq_norm.sqrt()
     # Equal to `step` until |step| * ratio reaches theta_max; beyond, shrunk so |theta| = theta_max.
-    step_eff = step * theta_max / (abs(step) * ratio).clamp_min(theta_max)
+    scaled = abs(step) * ratio
+    step_eff = step * theta_max / scaled.clamp_min(theta_max)
     theta = step_eff * ratio
-    out = torch.cos(theta) * h32 + (step_eff * torch.sinc(theta / math.pi)) * v
-    return out.to(h.dtype)
+    sinc = torch.sinc(theta / math.pi)
+    cos = torch.cos(theta)
+    out = torch.addcmul(cos * h32, step_eff * sinc, v).to(h.dtype)
+    return out, (h32, v, sq_norm, c, v_norm, ratio, step_eff, theta, sinc, cos, scaled > theta_max)
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (x * y).sum(dim=-1, keepdim=True)
+
+
+class _GeodesicStep(torch.autograd.Function):
+    """`geodesic_step` with its backward written out (checked against autograd in the tests).
+
+    With k = step_eff sinc(theta), out = cos(theta) h + k v, and g = dL/dout, per row:
+      unclamped (theta = step r, r = ||v||/||h||): dtheta = -sin(theta) <g,h> + step sinc'(theta) <g,v>,
+        dr = step dtheta, dstep = r dtheta + sinc(theta) <g,v>
+      clamped (theta = +-theta_max, k = sin(theta) / r): dr = -(k / r) <g,v>, dstep = 0
+      dv = k g + dr v / (||v|| ||h||)
+      du = dv - (<dv,h> / ||h||^2) h                       (then minus its mean if centered)
+      dh = cos(theta) g - c dv - (<dv,h> / ||h||^2)(v - c h) - (dr r / ||h||^2) h,  c = <h,u>/||h||^2
+    """
+
+    @staticmethod
+    def forward(ctx, h, u, step, theta_max, center):
+        out, saved = _forward(h, u, step, theta_max, center)
+        ctx.save_for_backward(*saved)
+        ctx.center = center
+        ctx.dtypes = (h.dtype, u.dtype, step.dtype if isinstance(step, torch.Tensor) else None)
+        ctx.step_shape = step.shape if isinstance(step, torch.Tensor) else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h32, v, sq_norm, c, v_norm, ratio, step_eff, theta, sinc, cos, clamped = ctx.saved_tensors
+        g = grad_out.to(h32.dtype)
+        g_h, g_v = _dot(g, h32), _dot(g, v)
+        k = step_eff * sinc
+        small = theta.abs() < 1e-4
+        # sinc'(x) = (cos x - sinc x) / x, -x/3 near 0.
+        d_sinc = torch.where(small, -theta / 3, (cos - sinc) / torch.where(small, 1.0, theta))
+        d_theta = -torch.sin(theta) * g_h + step_eff * d_sinc * g_v
+        safe_ratio = torch.where(clamped, ratio, 1.0)
+        d_ratio = torch.where(clamped, -(k / safe_ratio) * g_v, step_eff * d_theta)
+        d_step = torch.where(clamped, 0.0, ratio * d_theta + sinc * g_v)
+        v_coef = d_ratio / (v_norm.clamp_min(torch.finfo(v.dtype).tiny) * sq_norm.sqrt())
+        # dv = k g + v_coef v; <dv,h> = k <g,h> since v is orthogonal to h. Both gradients are then
+        # combinations of g, v and h with per-row coefficients: three passes each.
+        dv_h = k * g_h / sq_norm
+        du = torch.mul(g, k).addcmul_(v_coef, v).addcmul_(dv_h, h32, value=-1)
+        if ctx.center:
+            du = du - du.mean(dim=-1, keepdim=True)
+        dh = torch.mul(g, cos - c * k).addcmul_(c * v_coef + dv_h, v, value=-1)
+        dh.addcmul_(dv_h * c - d_ratio * ratio / sq_norm, h32)
+        h_dtype, u_dtype, step_dtype = ctx.dtypes
+        grad_step = None
+        if ctx.needs_input_grad[2]:
+            grad_step = d_step.sum().expand(ctx.step_shape).to(step_dtype)
+        return dh.to(h_dtype), du.to(u_dtype), grad_step, None, None
 
 
 def project_to_sphere(x: torch.Tensor, center: bool = False) -> torch.Tensor:

@@ -135,7 +135,7 @@ def build_norm(config: TitanGeoNormConfig) -> nn.Module:
 def geodesic_step(h, u, step, theta_max: float, center: bool) -> torch.Tensor:
     """`cos(theta) h + sin(theta) ||h|| v/||v||`, `v` the part of `u` tangent to the sphere at h,
     `theta = sign(step) min(|step| ||v||/||h||, theta_max)`; in fp32, through `sinc` so that
-    v = 0 gives h exactly. Same operations as `titan_geonorm.geonorm.geodesic_step`."""
+    v = 0 gives h exactly. The forward of `titan_geonorm.geonorm.geodesic_step`."""
     dtype = torch.promote_types(h.dtype, torch.float32)
     h32, u32 = h.to(dtype), u.to(dtype)
     if isinstance(step, torch.Tensor):
@@ -144,8 +144,9 @@ def geodesic_step(h, u, step, theta_max: float, center: bool) -> torch.Tensor:
         u32 = u32 - u32.mean(dim=-1, keepdim=True)
     sq_norm = (h32 * h32).sum(dim=-1, keepdim=True).clamp_min(1e-10)
     v = u32 - ((h32 * u32).sum(dim=-1, keepdim=True) / sq_norm) * h32
-    m = v.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
-    ratio = torch.linalg.vector_norm(v / m, dim=-1, keepdim=True) * (m / sq_norm.sqrt())
+    # Accumulated in fp64 so that ||v||^2 cannot overflow for huge updates.
+    v_norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True, dtype=torch.float64).to(dtype)
+    ratio = v_norm / sq_norm.sqrt()
     step_eff = step * theta_max / (abs(step) * ratio).clamp_min(theta_max)
     theta = step_eff * ratio
     out = torch.cos(theta) * h32 + (step_eff * torch.sinc(theta / math.pi)) * v
