@@ -30,16 +30,14 @@ def stale_checkpoints(folder: str, keep_latest_k: int) -> list[str]:
     for name in os.listdir(folder):
         match = re.search(r"step-(\d+)", name)
         if match:
-            found.append((int(match.group(1)), os.path.join(folder, name)))
+            path = os.path.join(folder, name)
+            found.append((int(match.group(1)), path, is_complete(path)))
     found.sort()
-    complete = [step for step, path in found if is_complete(path)]
+    complete = [step for step, _, done in found if done]
     if not complete:
         return []
-    oldest_kept = complete[-keep_latest_k] if len(complete) >= keep_latest_k else complete[0]
-    return [
-        path for step, path in found
-        if (step < oldest_kept if is_complete(path) else step < complete[-1])
-    ]
+    oldest_kept = complete[-min(keep_latest_k, len(complete))]
+    return [path for step, path, done in found if step < (oldest_kept if done else complete[-1])]
 
 
 def patch_purge_counts_complete_checkpoints() -> None:
