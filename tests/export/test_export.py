@@ -182,3 +182,24 @@ def test_cli_refuses_checkpoint_config_mismatch(seed, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a DCP checkpoint"):
         export_checkpoint(TINY_CONFIG, seed / "checkpoint", tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("block,extra,hf_class", [
+    ("pre", {}, "LlamaForCausalLM"),
+    ("peri", {}, "Glm4ForCausalLM"),
+    ("peri", {"embedding_norm": True}, "TitanGeoNormForCausalLM"),
+], ids=["llama", "glm4", "custom"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_config_json_is_what_save_pretrained_writes(make_variant, tokenizer_dir, tmp_path,
+                                                    block, extra, hf_class, dtype):
+    """Serving engines pick the class from `architectures`; nothing transformers would write (nor
+    any value of it) may be missing from the exported config.json."""
+    model, args = make_variant(block, **extra)
+    export_state_dict(model.state_dict(), args, tmp_path / "export", tokenizer_dir, dtype=dtype)
+    exported = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert exported["architectures"] == [hf_class] and exported["dtype"] == dtype
+
+    load_hf(tmp_path / "export").save_pretrained(str(tmp_path / "resaved"))
+    resaved = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert sorted(set(resaved) - set(exported)) == []
+    assert {k: (exported[k], v) for k, v in resaved.items() if exported[k] != v} == {}

@@ -6,13 +6,23 @@
 Pre-LN + RMSNorm exports as `LlamaForCausalLM`, Peri-LN + RMSNorm without embedding norm as
 `Glm4ForCausalLM`, every other variant with the shipped `modeling_titan_geonorm.py`
 (`trust_remote_code=True`); see `mapping.py`. Import is the exact inverse of export.
+
+Both directions write their output folder atomically and refuse a non-empty one unless
+`overwrite` (see `hf.atomic_folder`), checked before any weight is read.
 """
 
 from pathlib import Path
 
 import torch
 
-from titan_geonorm.export.hf import hf_config, read_hf_config, read_weights, write_hf_folder
+from titan_geonorm.export.hf import (
+    atomic_folder,
+    check_output,
+    hf_config,
+    read_hf_config,
+    read_weights,
+    write_hf_folder,
+)
 from titan_geonorm.export.load import (
     build_model_args,
     check_state_dict,
@@ -57,30 +67,37 @@ def _intermediate_size(shapes: dict) -> int:
 
 def export_state_dict(state_dict: dict[str, torch.Tensor], args, output: str | Path,
                       tokenizer_dir: str | Path, dtype: str = "float32",
-                      max_shard_size: int | str = "5GB") -> Target:
-    """Write the HF folder of a training-model state dict (full tensors) with model args `args`."""
+                      max_shard_size: int | str = "5GB", overwrite: bool = False,
+                      inputs: list[Path] = ()) -> Target:
+    """Write the HF folder of a training-model state dict (full tensors) with model args `args`;
+    `inputs` are folders the output must not be or contain (besides `tokenizer_dir`)."""
     torch_dtype = _torch_dtype(dtype)
+    inputs = [Path(tokenizer_dir), *inputs]
+    check_output(Path(output), overwrite, inputs)
     target = select_target(args)
     cast = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     bos_id, eos_id = _special_ids(Path(tokenizer_dir))
     shapes = {k: v.shape for k, v in state_dict.items()}
     config = hf_config(target, args, _intermediate_size(shapes), bos_id, eos_id, torch_dtype)
-    write_hf_folder(Path(output), target, config, to_hf(target, cast, args), Path(tokenizer_dir),
-                    max_shard_size)
+    with atomic_folder(output, overwrite, inputs) as folder:
+        write_hf_folder(folder, target, config, to_hf(target, cast, args), Path(tokenizer_dir),
+                        max_shard_size)
     return target
 
 
 def export_checkpoint(config_file: str | Path, checkpoint: str | Path, output: str | Path,
                       dtype: str = "float32", overrides: list[str] = (),
-                      max_shard_size: int | str = "5GB") -> Target:
+                      max_shard_size: int | str = "5GB", overwrite: bool = False) -> Target:
     """Export the DCP checkpoint folder `checkpoint` of a run configured by `config_file`."""
     _torch_dtype(dtype)
+    check_output(Path(output), overwrite, [Path(checkpoint)])
     job_config = load_job_config(config_file, overrides)
     model_cls, args = build_model_args(job_config)
     block_of(args)
     state_dict = load_checkpoint(checkpoint, model_shapes(model_cls, args))
     tokenizer_dir = tokenizer_folder(job_config, checkpoint)
-    return export_state_dict(state_dict, args, output, tokenizer_dir, dtype, max_shard_size)
+    return export_state_dict(state_dict, args, output, tokenizer_dir, dtype, max_shard_size,
+                             overwrite, [Path(checkpoint)])
 
 
 def _check_config(found: dict, expected: dict, folder: Path) -> None:
@@ -112,11 +129,14 @@ def import_state_dict(hf_folder: str | Path, model_cls, args) -> dict[str, torch
 
 
 def import_to_dcp(config_file: str | Path, hf_folder: str | Path, output: str | Path,
-                  overrides: list[str] = ()) -> Target:
+                  overrides: list[str] = (), overwrite: bool = False) -> Target:
     """Convert an exported HF folder back to a model-only DCP checkpoint of the configured model
     (fp32 weights), loadable by torchtitan with `--checkpoint.initial_load_path OUTPUT
     --checkpoint.initial_load_model_only`."""
+    check_output(Path(output), overwrite, [Path(hf_folder)])
     job_config = load_job_config(config_file, overrides)
     model_cls, args = build_model_args(job_config)
-    save_checkpoint(import_state_dict(hf_folder, model_cls, args), output)
+    state_dict = import_state_dict(hf_folder, model_cls, args)
+    with atomic_folder(output, overwrite, [Path(hf_folder)]) as folder:
+        save_checkpoint(state_dict, folder)
     return select_target(args)

@@ -3,11 +3,22 @@
 An exported folder holds `config.json`, the weights as safetensors shards with
 `model.safetensors.index.json` (written even for one shard: torchtitan's HF loading and
 transformers both read it), the tokenizer files, `generation_config.json`, and for the `custom`
-target `modeling_titan_geonorm.py` named by `auto_map` in `config.json`.
+target `modeling_titan_geonorm.py` named by `auto_map` in `config.json`. `config.json` names the
+class in `architectures`, as `save_pretrained` writes it: serving engines (vLLM, SGLang, TGI) pick
+the model class from it, not from `model_type`.
+
+A folder is written whole into a temporary sibling `.NAME.partial-*` and renamed into place
+(`atomic_folder`), so readers never see a half-written or mixed folder: an existing non-empty
+folder is refused unless `overwrite`, which replaces it whole. After a hard kill (SIGKILL, power
+loss) the target is untouched and the hidden sibling may remain; it is safe to delete.
 """
 
 import json
+import os
+import secrets
 import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,6 +42,12 @@ TOKENIZER_FILES = (
 )
 INDEX_FILE = "model.safetensors.index.json"
 MODEL_TYPES = {"llama": Target.LLAMA, "glm4": Target.GLM4, "titan_geonorm": Target.CUSTOM}
+ARCHITECTURES = {
+    Target.LLAMA: "LlamaForCausalLM",
+    Target.GLM4: "Glm4ForCausalLM",
+    Target.CUSTOM: "TitanGeoNormForCausalLM",
+}
+"""The class each target loads as; Llama and Glm4 are served natively by vLLM-class engines."""
 
 
 def _max_positions(args: TransformerModelArgs) -> int:
@@ -91,6 +108,7 @@ def hf_config(target: Target, args: TransformerModelArgs, intermediate_size: int
     """The config of the target class describing exactly the training model `args`."""
     common = _shape_kwargs(args, intermediate_size, bos_id, eos_id, dtype)
     head_dim = args.dim // args.n_heads
+    common["architectures"] = [ARCHITECTURES[target]]
     if target == Target.LLAMA:
         return LlamaConfig(
             **common, head_dim=head_dim, hidden_act="silu", rms_norm_eps=args.norm_eps,
@@ -118,7 +136,6 @@ def hf_config(target: Target, args: TransformerModelArgs, intermediate_size: int
         **_geonorm_kwargs(args),
     )
     config.auto_map = dict(AUTO_MAP)
-    config.architectures = ["TitanGeoNormForCausalLM"]
     return config
 
 
@@ -141,11 +158,68 @@ def copy_tokenizer(tokenizer_dir: Path, folder: Path) -> None:
             shutil.copyfile(tokenizer_dir / name, folder / name)
 
 
+def check_output(folder: Path, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
+    """Refuse an output that is a file, is or holds one of `inputs` (replacing it would delete the
+    source), or holds anything unless `overwrite`."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output {folder} is a file, not a folder")
+    resolved = folder.resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if source == resolved or resolved in source.parents:
+            raise ValueError(f"--output {folder} is or holds the input {source}: write elsewhere")
+    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if names and not overwrite:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ValueError(
+            f"--output {folder} is not empty ({len(names)} entries: {shown}): choose an empty or "
+            "new folder, or pass --overwrite to replace the folder whole"
+        )
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    """Move `new` to `folder`. rename(2) replaces an empty directory atomically; a full one is
+    first moved aside, so that a failure between the two renames can put it back."""
+    if not (folder.is_dir() and any(folder.iterdir())):
+        os.replace(new, folder)
+        return
+    old = folder.with_name(f".{folder.name}.old-{secrets.token_hex(4)}")
+    os.rename(folder, old)
+    try:
+        os.rename(new, folder)
+    except BaseException:
+        os.rename(old, folder)
+        raise
+    shutil.rmtree(old)
+
+
+@contextmanager
+def atomic_folder(folder: str | Path, overwrite: bool = False,
+                  inputs: Iterable[Path] = ()) -> Iterator[Path]:
+    """A fresh temporary folder beside `folder` to write into; when the block ends without error it
+    replaces `folder` (see `check_output` for what is refused), on any error it is deleted and
+    `folder` is left as it was."""
+    folder, inputs = Path(folder), list(inputs)
+    check_output(folder, overwrite, inputs)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir, not mkdtemp: the folder keeps the umask's permissions instead of mkdtemp's 0700.
+    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        # Another process may have written there while this one worked.
+        check_output(folder, overwrite, inputs)
+        _replace_folder(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_hf_folder(folder: Path, target: Target, config: PretrainedConfig,
                     state_dict: dict[str, torch.Tensor], tokenizer_dir: Path,
                     max_shard_size: int | str = "5GB") -> None:
-    """Write the whole folder; `state_dict` is already in the target's names and dtype."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write the folder's files into the existing folder `folder` (see `atomic_folder`);
+    `state_dict` is already in the target's names and dtype."""
     config.save_pretrained(str(folder))
     GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
