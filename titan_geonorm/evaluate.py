@@ -14,6 +14,11 @@ shorter), and each window is scored after a BOS as a training document starts:
     loss   = sum of -log p(label) over all windows / number of labels,   ppl = exp(loss)
 
 so every text token is predicted exactly once. Prints one JSON line {"loss", "tokens", "ppl"}.
+
+`--seq-len` must be at least 1 and at most the model's context: `[training] seq_len` for a DCP
+checkpoint (the length its RoPE table is built for; `--training.seq_len N` builds a longer one,
+positions past the trained length being extrapolation), `max_position_embeddings` of an HF
+folder's `config.json`. Both are checked before the model is loaded.
 """
 
 import argparse
@@ -72,6 +77,29 @@ def is_hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
+def window_length(seq_len: int | None, job_config, checkpoint: Path) -> int:
+    """`seq_len`, or the training one when None; refused when below 1 or above the context of the
+    model `checkpoint` is loaded into (a bare RoPE assertion otherwise, deep in the forward)."""
+    trained = job_config.training.seq_len
+    if seq_len is None:
+        return trained
+    if seq_len < 1:
+        raise ValueError(f"--seq-len must be >= 1, got {seq_len} (omit it to use training.seq_len = "
+                         f"{trained})")
+    if is_hf_folder(checkpoint):
+        limit = json.loads((checkpoint / "config.json").read_text()).get("max_position_embeddings")
+        if limit is not None and seq_len > limit:
+            raise ValueError(f"--seq-len {seq_len} is above max_position_embeddings = {limit} of "
+                             f"{checkpoint / 'config.json'}: pass --seq-len <= {limit}")
+    elif seq_len > trained:
+        raise ValueError(
+            f"--seq-len {seq_len} is above training.seq_len = {trained}, the context the model's "
+            f"RoPE table is built for: pass --seq-len <= {trained}, or --training.seq_len {seq_len} "
+            "to build a longer table (positions past the trained length are extrapolation)"
+        )
+    return seq_len
+
+
 def dcp_model(job_config, checkpoint: Path) -> Logits:
     """The configured training model with the checkpoint's weights, in fp32, as a logits function."""
     model_cls, args = build_model_args(job_config)
@@ -102,14 +130,17 @@ def evaluate(config_file: str | Path, checkpoint: str | Path, text_file: str | P
     checkpoint, text_file = Path(checkpoint), Path(text_file)
     if not text_file.is_file():
         raise FileNotFoundError(f"--text {text_file}: no such file")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     job_config = load_job_config(config_file, overrides)
+    seq_len = window_length(seq_len, job_config, checkpoint)
     if is_hf_folder(checkpoint):
         logits_fn, tok_dir = hf_model(checkpoint), checkpoint
     else:
         logits_fn, tok_dir = dcp_model(job_config, checkpoint), tokenizer_folder(job_config, checkpoint)
     tokenizer = run_tokenizer(job_config, tok_dir)
     tokens = tokenizer.encode(text_file.read_text(encoding="utf-8"), add_bos=False, add_eos=False)
-    windows = eval_windows(tokens, tokenizer.bos_id, seq_len or job_config.training.seq_len)
+    windows = eval_windows(tokens, tokenizer.bos_id, seq_len)
     return cross_entropy(logits_fn, windows, batch_size)
 
 

@@ -80,3 +80,30 @@ def test_seq_len_sets_the_windows(trained, text_file, tmp_path):
 def test_refuses_missing_text_file(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="--text"):
         evaluate(TINY_CONFIG, trained / "checkpoint" / "step-4", tmp_path / "missing.txt")
+
+
+@pytest.mark.parametrize("seq_len,message", [
+    (0, r"--seq-len must be >= 1, got 0 \(omit it to use training.seq_len = 64\)"),
+    (65, r"--seq-len 65 is above training.seq_len = 64.*--seq-len <= 64"),
+], ids=["zero", "above-training"])
+def test_refuses_seq_len_outside_the_context_before_loading(trained, text_file, monkeypatch,
+                                                             seq_len, message):
+    def no_model(*args):
+        raise AssertionError("the model was loaded before --seq-len was checked")
+
+    monkeypatch.setattr("titan_geonorm.evaluate.dcp_model", no_model)
+    with pytest.raises(ValueError, match=message):
+        evaluate(TINY_CONFIG, trained / "checkpoint" / "step-4", text_file, seq_len=seq_len)
+
+
+def test_longer_table_by_training_seq_len_and_hf_limit(trained, text_file, tmp_path):
+    checkpoint = trained / "checkpoint" / "step-4"
+    longer = evaluate(TINY_CONFIG, checkpoint, text_file, seq_len=96,
+                      overrides=["--training.seq_len", "96"])
+    assert longer["tokens"] > 0 and math.isfinite(longer["loss"])
+    export_checkpoint(TINY_CONFIG, checkpoint, tmp_path)
+    limit = json.loads((tmp_path / "config.json").read_text())["max_position_embeddings"]
+    with pytest.raises(ValueError, match=f"above max_position_embeddings = {limit}"):
+        evaluate(TINY_CONFIG, tmp_path, text_file, seq_len=limit + 1)
+    with pytest.raises(ValueError, match="--batch-size must be >= 1"):
+        evaluate(TINY_CONFIG, tmp_path, text_file, batch_size=0)
