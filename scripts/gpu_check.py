@@ -25,11 +25,13 @@ import datetime
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("llama3_titan", "llama3_geonorm", "llama3_periln", "llama3_preln", "llama3_postln")
 PARTS = ("numerics", "optimizer", "train")
 # Shares of the whole deadline the short parts may take; training gets what is left.
-PART_SHARE = {"numerics": 0.12, "optimizer": 0.25}
+PART_SHARE = {"numerics": 0.15, "optimizer": 0.25}
 BF16_UNIT_ROUNDOFF = 2.0**-8
 TARGETS = {
     "variant_tps_ratio_min": 0.98,
@@ -72,7 +74,7 @@ class Sizes:
 FULL = Sizes(
     flavor="1B", seq=2048, batch=4, warmup=10, steps=30, log_freq=5, compile=True,
     mixed_precision="bfloat16", variants=VARIANTS,
-    layer=dict(dim=4096, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=1024),
+    layer={"dim": 4096, "n_heads": 32, "n_kv_heads": 8, "ffn_dim_multiplier": 1.3, "multiple_of": 1024},
     # llama3_8b.toml's local batch: 2 x 8192 tokens per GPU.
     layer_tokens=16384, reps=3, dual_steps_converged=100,
     geonorm_tokens=8192, geonorm_steps=32, manifold_steps=10, margin_s=15.0,
@@ -80,7 +82,7 @@ FULL = Sizes(
 SMOKE = Sizes(
     flavor="tiny", seq=64, batch=4, warmup=1, steps=2, log_freq=1, compile=False,
     mixed_precision="float32", variants=("llama3_titan", "llama3_geonorm"),
-    layer=dict(dim=64, n_heads=4, n_kv_heads=1, ffn_dim_multiplier=1.3, multiple_of=64),
+    layer={"dim": 64, "n_heads": 4, "n_kv_heads": 1, "ffn_dim_multiplier": 1.3, "multiple_of": 64},
     layer_tokens=128, reps=1, dual_steps_converged=30,
     geonorm_tokens=256, geonorm_steps=8, manifold_steps=3, margin_s=3.0,
 )
@@ -152,7 +154,7 @@ def tail(path: Path, lines: int) -> str:
 
 
 def environment(smoke: bool) -> dict:
-    env = {"smoke": smoke, "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    env = {"smoke": smoke, "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
            "python": sys.version.split()[0], "host": socket.gethostname()}
     try:
         import torch
@@ -243,9 +245,9 @@ def _manifold_error(w, geometry: str) -> float:
 
 
 def part_numerics(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
-    import titan_geonorm  # noqa: F401  (CPU patches before torchtitan on hosts without a GPU)
     import torch
 
+    import titan_geonorm  # noqa: F401  (CPU patches before torchtitan on hosts without a GPU)
     from titan_geonorm.geonorm import geodesic_step, project_to_sphere
 
     device = _device()
@@ -349,7 +351,7 @@ def solver_choices(key: str) -> tuple[str | None, list[str]]:
     import importlib
     import pkgutil
 
-    import titan_geonorm.optim as optim
+    from titan_geonorm import optim
     from titan_geonorm.optim import ManifoldMuonConfig
 
     if key not in {f.name for f in dataclasses.fields(ManifoldMuonConfig)}:
@@ -374,7 +376,8 @@ def optimizer_settings(sizes: Sizes, msign_dtype: str) -> list[tuple[str, str, d
         out.append((f"{geometry} defaults", geometry, {"preset": f"all_{geometry}"}))
         for choice in choices:
             if choice != default:
-                out.append((f"{geometry} {key}={choice}", geometry, {"preset": f"all_{geometry}", key: choice}))
+                kwargs = {"preset": f"all_{geometry}", key: choice}
+                out.append((f"{geometry} {key}={choice}", geometry, kwargs))
         converged = {"preset": f"all_{geometry}", "dual_steps": sizes.dual_steps_converged}
         if "dual_ascent" in choices:
             converged[key] = "dual_ascent"
@@ -383,10 +386,23 @@ def optimizer_settings(sizes: Sizes, msign_dtype: str) -> list[tuple[str, str, d
             for label, geo, kw in out + slow]
 
 
-def part_optimizer(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
-    import titan_geonorm  # noqa: F401  (CPU patches before torchtitan on hosts without a GPU)
+def time_fwd_bwd(sizes: Sizes, device, timer: Timer, freqs_cis, batch: int, seq: int) -> float:
+    """Median ms of a forward+backward of the layer with bf16 weights, as FSDP2's bf16 compute runs it."""
     import torch
 
+    block = _layer_block(sizes, device)[0].to(torch.bfloat16)
+    x = torch.randn(batch, seq, sizes.layer["dim"], device=device, dtype=torch.bfloat16, requires_grad=True)
+
+    def fwd_bwd():
+        block(x, freqs_cis, None).float().square().mean().backward()
+
+    return statistics.median(timer(fwd_bwd, warmup=2, reps=max(sizes.reps, 3)))
+
+
+def part_optimizer(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
+    import torch
+
+    import titan_geonorm  # noqa: F401  (CPU patches before torchtitan on hosts without a GPU)
     from titan_geonorm.optim import ManifoldMuon, ManifoldMuonConfig
 
     device = _device()
@@ -400,17 +416,8 @@ def part_optimizer(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
     result["layer"] = {"config": sizes.layer, "matrices": matrices, "tokens": batch * seq,
                        "batch": batch, "seq": seq, "msign_dtype": msign_dtype}
 
-    # Forward+backward of the same layer in bf16 weights, as FSDP2's bf16 compute sees them.
-    bf16_block = _layer_block(sizes, device)[0].to(torch.bfloat16)
-    x = torch.randn(batch, seq, sizes.layer["dim"], device=device, dtype=torch.bfloat16, requires_grad=True)
-
-    def fwd_bwd():
-        bf16_block(x, freqs_cis, None).float().square().mean().backward()
-
-    fb = timer(fwd_bwd, warmup=2, reps=max(sizes.reps, 3))
-    fwd_bwd_ms = statistics.median(fb)
+    fwd_bwd_ms = time_fwd_bwd(sizes, device, timer, freqs_cis, batch, seq)
     result["fwd_bwd_ms"] = fwd_bwd_ms
-    del bf16_block, x
 
     # Real gradients of the fp32 master layer, the same for every arm (the step does not zero them).
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -465,7 +472,8 @@ def part_optimizer(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
             record(label, row)
             del opt
         except Exception as e:  # noqa: BLE001  (one setting's failure is a result, not the end)
-            record(label, {"geometry": geometry, "config": kwargs, "status": f"error: {type(e).__name__}: {e}"})
+            status = f"error: {type(e).__name__}: {e}"
+            record(label, {"geometry": geometry, "config": kwargs, "status": status})
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -687,80 +695,98 @@ def fmt(x, spec: str = ".3g") -> str:
     return str(x)
 
 
+def row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def header(*cells) -> list[str]:
+    return [row(*cells), row(*["---"] * len(cells))]
+
+
 def markdown(report: dict) -> str:
     env, parts = report["env"], report["parts"]
-    lines = [f"# GPU check, {env.get('date_utc')}", "",
-             f"{env.get('device')}, torch {env.get('torch')} (CUDA {env.get('cuda')}), torchtitan "
-             f"{env.get('torchtitan')}, torchtitan peak {fmt(env.get('peak_tflops_torchtitan'), '.0f')} TFLOP/s"
-             + (" — **smoke run (CPU, tiny sizes): numbers are not measurements**" if env.get("smoke") else ""),
-             "", "| part | status | wall s |", "|---|---|---|"]
-    lines += [f"| {name} | {p.get('status')} | {fmt(p.get('wall_s'), '.0f')} |" for name, p in parts.items()]
+    peak = fmt(env.get("peak_tflops_torchtitan"), ".0f")
+    device = (f"{env.get('device')}, torch {env.get('torch')} (CUDA {env.get('cuda')}), "
+              f"torchtitan {env.get('torchtitan')}, torchtitan's peak {peak} TFLOP/s")
+    if env.get("smoke"):
+        device += " — **smoke run (CPU, tiny sizes): its numbers are not measurements**"
+    lines = [f"# GPU check, {env.get('date_utc')}", "", device, "", *header("part", "status", "wall s")]
+    lines += [row(name, p.get("status"), fmt(p.get("wall_s"), ".0f")) for name, p in parts.items()]
 
     train = parts.get("train")
     if train and train.get("variants"):
         c = train["config"]
-        lines += ["", f"## Training: flavor `{c['model']['flavor']}`, seq {c['training']['seq_len']}, "
-                  f"batch {c['training']['local_batch_size']}, {c['training']['mixed_precision_param']}, "
-                  f"compile {c['compile']['enable']}, AC {c['activation_checkpoint']['mode']}, "
-                  f"{train['warmup_steps']} warm-up steps", "",
-                  "| variant | status | steps | tokens/s | x titan | MFU % | step s | peak reserved GiB | "
-                  "loss first -> last | finite |", "|---|---|---|---|---|---|---|---|---|---|"]
+        title = (f"## Training: flavor `{c['model']['flavor']}`, seq {c['training']['seq_len']}, "
+                 f"batch {c['training']['local_batch_size']}, {c['training']['mixed_precision_param']}, "
+                 f"compile {c['compile']['enable']}, AC {c['activation_checkpoint']['mode']}, "
+                 f"{train['warmup_steps']} warm-up steps")
+        lines += ["", title, ""]
+        lines += header("variant", "status", "steps", "tokens/s", "x titan", "MFU %", "step s",
+                        "peak reserved GiB", "loss first -> last", "finite")
         for name, r in train["variants"].items():
-            lines.append(
-                f"| {name} | {r.get('status')} | {fmt(r.get('steps_done'))} | {fmt(r.get('tokens_per_s'), ',.0f')} | "
-                f"{fmt(r.get('tps_vs_titan'), '.3f')} | {fmt(r.get('mfu_pct'), '.1f')} | {fmt(r.get('step_s'), '.3f')} | "
-                f"{fmt(r.get('peak_reserved_gib'), '.1f')} | {fmt(r.get('loss_first'), '.3f')} -> "
-                f"{fmt(r.get('loss_last'), '.3f')} | {fmt(r.get('loss_finite'))} |")
+            lines.append(row(
+                name, r.get("status"), fmt(r.get("steps_done")), fmt(r.get("tokens_per_s"), ",.0f"),
+                fmt(r.get("tps_vs_titan"), ".3f"), fmt(r.get("mfu_pct"), ".1f"), fmt(r.get("step_s"), ".3f"),
+                fmt(r.get("peak_reserved_gib"), ".1f"),
+                f"{fmt(r.get('loss_first'), '.3f')} -> {fmt(r.get('loss_last'), '.3f')}",
+                fmt(r.get("loss_finite"))))
 
     opt = parts.get("optimizer")
     if opt and opt.get("settings"):
         layer = opt.get("layer", {})
         shapes = ", ".join(f"{n.split('.')[-2]} {s[0]}x{s[1]}" for n, s in layer.get("matrices", {}).items())
-        lines += ["", f"## Optimizer step, one Llama-3 layer ({shapes}), msign {layer.get('msign_dtype')}; "
-                  f"fwd+bwd of that layer at {layer.get('tokens')} tokens: {fmt(opt.get('fwd_bwd_ms'), '.2f')} ms", "",
-                  "| setting | step ms | x Muon | share of fwd+bwd (1 GPU) | (8 GPUs) | dual iters | "
-                  "tangent violation | exact | manifold error |", "|---|---|---|---|---|---|---|---|---|"]
+        fwd_bwd = fmt(opt.get("fwd_bwd_ms"), ".2f")
+        title = (f"## Optimizer step, one Llama-3 layer ({shapes}), msign {layer.get('msign_dtype')}; "
+                 f"fwd+bwd of that layer at {layer.get('tokens')} tokens: {fwd_bwd} ms")
+        lines += ["", title, ""]
+        lines += header("setting", "step ms", "x Muon", "share of fwd+bwd (1 GPU)", "(8 GPUs)", "dual iters",
+                        "tangent violation", "exact", "manifold error")
         for label, r in opt["settings"].items():
             if "step_ms" not in r:
-                lines.append(f"| {label} | {r.get('status')} | | | | | | | |")
+                lines.append(row(label, r.get("status"), *[""] * 7))
                 continue
-            lines.append(
-                f"| {label} | {fmt(r['step_ms'], '.2f')} | {fmt(r.get('x_muon'), '.2f')} | "
-                f"{fmt(r.get('share_of_fwd_bwd'), '.1%')} | {fmt(r.get('share_of_fwd_bwd_world8'), '.1%')} | "
-                f"{fmt(r.get('dual_iterations'))} | {fmt(r.get('tangent_violation'), '.1e')} | "
-                f"{fmt(r.get('exact'))} | {fmt(r.get('manifold_error'), '.1e')} |")
+            lines.append(row(
+                label, fmt(r["step_ms"], ".2f"), fmt(r.get("x_muon"), ".2f"),
+                fmt(r.get("share_of_fwd_bwd"), ".1%"), fmt(r.get("share_of_fwd_bwd_world8"), ".1%"),
+                fmt(r.get("dual_iterations")), fmt(r.get("tangent_violation"), ".1e"), fmt(r.get("exact")),
+                fmt(r.get("manifold_error"), ".1e")))
 
     num = parts.get("numerics", {})
     if "geonorm" in num:
         g = num["geonorm"]
-        lines += ["", "## bf16 numerics", "", "| check | value | tolerance | ok |", "|---|---|---|---|",
-                  f"| GeoNorm: max relative norm change per step ({g['tokens']} tokens x {g['dim']}) | "
-                  f"{fmt(g['max_rel_norm_change_per_step'], '.2e')} | {fmt(g['step_tol'], '.2e')} | {fmt(g['ok'])} |",
-                  f"| GeoNorm: drift over {g['steps']} steps | {fmt(g['max_rel_norm_drift_chain'], '.2e')} | "
-                  f"{fmt(g['chain_tol'], '.2e')} | zero update exact: {fmt(g['zero_update_is_identity'])}, "
-                  f"grads finite: {fmt(g['grads_finite'])} |"]
+        lines += ["", "## bf16 numerics", "", *header("check", "value", "tolerance", "ok"),
+                  row(f"GeoNorm: max relative norm change per step ({g['tokens']} tokens x {g['dim']})",
+                      fmt(g["max_rel_norm_change_per_step"], ".2e"), fmt(g["step_tol"], ".2e"), fmt(g["ok"])),
+                  row(f"GeoNorm: norm drift over {g['steps']} steps",
+                      fmt(g["max_rel_norm_drift_chain"], ".2e"), fmt(g["chain_tol"], ".2e"),
+                      f"zero update exact: {fmt(g['zero_update_is_identity'])}, "
+                      f"grads finite: {fmt(g['grads_finite'])}")]
         for geometry in ("stiefel", "dgram"):
             m = num.get(geometry, {})
             if "max_error_per_step" in m:
-                lines.append(f"| ManifoldMuon {geometry}: max manifold error over {m['steps']} steps | "
-                             f"{fmt(max(m['max_error_per_step']), '.2e')} | {fmt(m['tol'], '.2e')} | {fmt(m['ok'])} |")
+                lines.append(row(f"ManifoldMuon {geometry}: max manifold error over {m['steps']} steps",
+                                 fmt(max(m["max_error_per_step"]), ".2e"), fmt(m["tol"], ".2e"),
+                                 fmt(m["ok"])))
+            elif m:
+                lines.append(row(f"ManifoldMuon {geometry}", m.get("status"), "", fmt(m.get("ok"))))
 
-    lines += ["", "## Targets", "", "| target | value | met |", "|---|---|---|"]
     s = report.get("summary", {})
+    lines += ["", "## Targets", "", *header("target", "value", "met")]
     v = s.get("variants_within_2pct_of_titan", {})
-    lines.append(f"| every variant >= 0.98 x llama3_titan tokens/s (compiled: {fmt(v.get('compiled'))}) | "
-                 + ", ".join(f"{k.removeprefix('llama3_')} {fmt(x, '.3f')}" for k, x in v.get("value", {}).items())
-                 + f" | {fmt(v.get('met'))} |")
+    ratios = ", ".join(f"{k.removeprefix('llama3_')} {fmt(x, '.3f')}" for k, x in v.get("value", {}).items())
+    lines.append(row(f"every variant >= 0.98 x llama3_titan tokens/s (compiled: {fmt(v.get('compiled'))})",
+                     ratios, fmt(v.get("met"))))
     for geometry in ("stiefel", "dgram"):
         t = s.get(f"{geometry}_fastest_exact_x_muon", {})
-        lines.append(f"| fastest exact {geometry} <= 3x Muon | {t.get('setting')}: {fmt(t.get('value'), '.2f')}x "
-                     f"(defaults {fmt(t.get('defaults_x_muon'), '.2f')}x, exact {fmt(t.get('defaults_exact'))}) | "
-                     f"{fmt(t.get('met'))} |")
+        value = (f"{t.get('setting')}: {fmt(t.get('value'), '.2f')}x (defaults "
+                 f"{fmt(t.get('defaults_x_muon'), '.2f')}x, exact {fmt(t.get('defaults_exact'))})")
+        lines.append(row(f"fastest exact {geometry} <= 3x Muon", value, fmt(t.get("met"))))
     t = s.get("muon_share_of_fwd_bwd", {})
-    lines.append(f"| Muon <= 5% of fwd+bwd (8 GPUs) | {fmt(t.get('value_world8'), '.1%')} "
-                 f"(1 GPU {fmt(t.get('value_world1'), '.1%')}) | {fmt(t.get('met'))} |")
-    for key in ("geonorm", "stiefel", "dgram"):
-        lines.append(f"| bf16 {key} numerics | | {fmt(s.get(f'bf16_{key}', {}).get('met'))} |")
+    lines.append(row("Muon <= 5% of fwd+bwd (8 GPUs)",
+                     f"{fmt(t.get('value_world8'), '.1%')} (1 GPU {fmt(t.get('value_world1'), '.1%')})",
+                     fmt(t.get("met"))))
+    lines += [row(f"bf16 {key} numerics", "", fmt(s.get(f"bf16_{key}", {}).get("met")))
+              for key in ("geonorm", "stiefel", "dgram")]
     return "\n".join(lines) + "\n"
 
 
@@ -774,10 +800,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, for the test suite")
     parser.add_argument("--out", default="gpu_check_out", help="output folder when $OUT is unset")
-    parser.add_argument("--work", default=None, help="dump folders and logs (default: <out>/work)")
+    parser.add_argument("--work", default=None,
+                        help="dump folders and full logs, kept (default: a temporary folder, removed)")
     parser.add_argument("--deadline-s", type=float, default=450.0)
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--variants", default=None, help="comma-separated train specs")
+    parser.add_argument("--flavor", help="train flavor (default 1B; tiny with --smoke)")
+    parser.add_argument("--seq", type=int, help="train sequence length (default 2048)")
+    parser.add_argument("--batch", type=int, help="train local batch size (default 4)")
+    parser.add_argument("--steps", type=int, help="measured train steps after warm-up (default 30)")
+    parser.add_argument("--warmup", type=int, help="train warm-up steps, a multiple of the log interval")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="per-block torch.compile of model and loss (default: on, off with --smoke)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="train with mixed_precision_param bfloat16 (default: on, off with --smoke)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result-dir", help=argparse.SUPPRESS)
     parser.add_argument("--budget-s", type=float, help=argparse.SUPPRESS)
@@ -791,9 +827,16 @@ def main(argv=None) -> int:
 
     deadline = Deadline(args.deadline_s)
     sizes = SMOKE if args.smoke else FULL
+    overrides = {k: getattr(args, k) for k in ("flavor", "seq", "batch", "steps", "warmup", "compile")}
+    if args.bf16 is not None:
+        overrides["mixed_precision"] = "bfloat16" if args.bf16 else "float32"
+    sizes = dataclasses.replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
+    if sizes.warmup % sizes.log_freq:
+        parser.error(f"--warmup {sizes.warmup}: must be a multiple of the log interval {sizes.log_freq}")
     out = Path(os.environ.get("OUT") or args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work) if args.work else out / "work"
+    # Not under $OUT: the device tool brings back at most 8 files from there.
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
     report = {"env": environment(args.smoke), "targets": TARGETS, "parts": {}}
     on_gpu = report["env"].get("device") not in (None, "cpu")
@@ -823,10 +866,11 @@ def main(argv=None) -> int:
             report["parts"].update(run_child_parts(group, args.smoke, budget, work, log_paths))
         write_report(report, out)
         with open(out / "gpu_check.log", "w") as log:
-            for p in log_paths:
-                log.write(f"===== {p.name} (last 300 lines)\n{tail(p, 300)}\n")
+            log.writelines(f"===== {p.name} (last 300 lines)\n{tail(p, 300)}\n" for p in log_paths)
     report["wall_s"] = args.deadline_s - deadline.left()
     write_report(report, out)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
     print((out / "gpu_check.md").read_text())
     return 0
 
