@@ -251,15 +251,19 @@ def part_numerics(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
     from titan_geonorm.geonorm import geodesic_step, project_to_sphere
 
     device = _device()
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    # On the device: host-side randn of 8B-layer-sized tensors would take most of the budget.
+    gen = torch.Generator(device=device).manual_seed(0)
     dim = sizes.layer["dim"]
     bf16 = torch.bfloat16
 
-    h = project_to_sphere(torch.randn(sizes.geonorm_tokens, dim, generator=gen)).to(device, bf16)
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+
+    h = project_to_sphere(randn(sizes.geonorm_tokens, dim)).to(bf16)
     norm0 = h.float().norm(dim=-1)
     worst_step = 0.0
     for _ in range(sizes.geonorm_steps):
-        u = torch.randn(sizes.geonorm_tokens, dim, generator=gen).to(device, bf16)
+        u = randn(sizes.geonorm_tokens, dim, dtype=bf16)
         out = geodesic_step(h, u, 1.0)
         if out.dtype != bf16:
             raise TypeError(f"geodesic_step returned {out.dtype} for bf16 inputs")
@@ -269,7 +273,7 @@ def part_numerics(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
     drift = (h.float().norm(dim=-1) / norm0 - 1).abs().max().item()
     same = torch.equal(geodesic_step(h, torch.zeros_like(h), 1.0), h)
     hg = h.detach().requires_grad_()
-    ug = torch.randn(hg.shape, generator=gen).to(device, bf16).requires_grad_()
+    ug = randn(*hg.shape, dtype=bf16).requires_grad_()
     step = torch.tensor(0.7, device=device, requires_grad=True)
     geodesic_step(hg, ug, step).float().square().sum().backward()
     grads_finite = all(bool(t.grad.isfinite().all()) for t in (hg, ug, step))
@@ -300,7 +304,7 @@ def manifold_check(geometry: str, shapes: dict, steps: int, device, gen) -> dict
 
     from titan_geonorm.optim import ManifoldMuon, ManifoldMuonConfig
 
-    params = {name: torch.nn.Parameter(torch.randn(shape, generator=gen).to(device) * 0.02)
+    params = {name: torch.nn.Parameter(torch.randn(shape, generator=gen, device=device) * 0.02)
               for name, shape in shapes.items()}
     config = ManifoldMuonConfig(preset=f"all_{geometry}", msign_dtype="bfloat16", log_assignment=False)
     opt = ManifoldMuon(params.items(), config)
@@ -308,7 +312,7 @@ def manifold_check(geometry: str, shapes: dict, steps: int, device, gen) -> dict
     errors = []
     for _ in range(steps):
         for p in params.values():
-            p.grad = torch.randn(p.shape, generator=gen).to(device) * 0.01
+            p.grad = torch.randn(p.shape, generator=gen, device=device) * 0.01
         opt.step()
         errors.append(max(_manifold_error(p.detach(), geometry) for p in params.values()))
     # The retraction's Newton-Schulz runs in bf16: a few unit roundoffs, not fp32's 1e-6.
@@ -373,6 +377,7 @@ def optimizer_settings(sizes: Sizes, msign_dtype: str) -> list[tuple[str, str, d
     for geometry in ("stiefel", "dgram"):
         key = f"{geometry}_solver"
         default, choices = solver_choices(key)
+        # Same label whatever the default is, so reports of different commits line up.
         out.append((f"{geometry} defaults", geometry, {"preset": f"all_{geometry}"}))
         for choice in choices:
             if choice != default:
@@ -427,6 +432,7 @@ def part_optimizer(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
     named = list(block.named_parameters(prefix="layers.0"))
     initial = {n: p.detach().clone() for n, p in named}
     exact_tol = ManifoldMuonConfig().dual_tol
+    result["exact_tol"] = exact_tol
     rows: dict = {}
     projected: dict = {}
 
@@ -437,6 +443,14 @@ def part_optimizer(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
 
     def record(label: str, row: dict) -> None:
         rows[label] = row
+        muon_ms = rows.get("muon", {}).get("step_ms")
+        for r in rows.values():
+            if finite(r.get("step_ms")) and finite(muon_ms):
+                r["x_muon"] = r["step_ms"] / muon_ms
+                r["share_of_fwd_bwd"] = r["step_ms"] / fwd_bwd_ms
+                # FSDP over 8 GPUs: each rank owns ~1/8 of the matrices, its fwd+bwd is unchanged.
+                r["share_of_fwd_bwd_world8"] = r["step_ms"] / 8 / fwd_bwd_ms
+        # Written after every setting: a child killed at its timeout leaves the rows it finished.
         result["settings"] = rows
 
     restore(initial)
@@ -462,9 +476,9 @@ def part_optimizer(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
             times = timer(opt.step, warmup=1, reps=sizes.reps)
             stats = dict(getattr(opt, "stats", {}))
             violation = stats.get("tangent_violation")
-            row = {"geometry": geometry, "config": kwargs, "step_ms": statistics.median(times),
-                   "times_ms": times, "dual_iterations": stats.get("dual_iterations"),
-                   "tangent_violation": violation}
+            row = {"geometry": geometry, "config": kwargs, "resolved": dataclasses.asdict(config),
+                   "step_ms": statistics.median(times), "times_ms": times,
+                   "dual_iterations": stats.get("dual_iterations"), "tangent_violation": violation}
             if geometry != "muon":
                 row["exact"] = finite(violation) and violation <= exact_tol
                 row["manifold_error"] = max(_manifold_error(p.detach(), geometry)
@@ -476,16 +490,6 @@ def part_optimizer(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
             record(label, {"geometry": geometry, "config": kwargs, "status": status})
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-    muon_ms = rows.get("muon", {}).get("step_ms")
-    for row in rows.values():
-        if finite(row.get("step_ms")) and finite(muon_ms):
-            row["x_muon"] = row["step_ms"] / muon_ms
-            row["share_of_fwd_bwd"] = row["step_ms"] / fwd_bwd_ms
-            # FSDP over 8 GPUs: each owns ~1/8 of the matrices, fwd+bwd per GPU is unchanged.
-            row["share_of_fwd_bwd_world8"] = row["step_ms"] / 8 / fwd_bwd_ms
-    result["settings"] = rows
-    result["exact_tol"] = exact_tol
 
 
 def child_main(args) -> None:
@@ -621,8 +625,9 @@ def part_train(sizes: Sizes, variants: list[str], budget: Deadline, work: Path, 
         if left < 10:
             result["variants"][name] = {"status": "skipped: deadline"}
             continue
-        # The first run also fills the compile caches and trains the tokenizer: a larger share.
-        weights = [1.5 if j == 0 else 1.0 for j in range(i, len(variants))]
+        # The first run is the baseline and also fills the compile caches and trains the
+        # tokenizer: a double share.
+        weights = [2.0 if j == 0 else 1.0 for j in range(i, len(variants))]
         timeout = left * weights[0] / sum(weights)
         dump = work / name
         cmd = [sys.executable, "-m", "titan_geonorm.train", "--job.config_file", str(toml),
@@ -660,9 +665,11 @@ def summary(report: dict) -> dict:
     train = parts.get("train", {}).get("variants", {})
     ratios = {n: r.get("tps_vs_titan") for n, r in train.items() if n != "llama3_titan"}
     measured = [v for v in ratios.values() if finite(v)]
+    compiled = parts.get("train", {}).get("config", {}).get("compile", {}).get("enable")
+    # The target is for compiled runs; eager ratios are reported but judge nothing.
     out["variants_within_2pct_of_titan"] = {
-        "value": ratios, "met": (min(measured) >= TARGETS["variant_tps_ratio_min"]) if measured else None,
-        "compiled": parts.get("train", {}).get("config", {}).get("compile", {}).get("enable"),
+        "value": ratios, "compiled": compiled,
+        "met": min(measured) >= TARGETS["variant_tps_ratio_min"] if measured and compiled else None,
     }
     settings = parts.get("optimizer", {}).get("settings", {})
     for geometry in ("stiefel", "dgram"):
@@ -778,8 +785,9 @@ def markdown(report: dict) -> str:
                      ratios, fmt(v.get("met"))))
     for geometry in ("stiefel", "dgram"):
         t = s.get(f"{geometry}_fastest_exact_x_muon", {})
-        value = (f"{t.get('setting')}: {fmt(t.get('value'), '.2f')}x (defaults "
-                 f"{fmt(t.get('defaults_x_muon'), '.2f')}x, exact {fmt(t.get('defaults_exact'))})")
+        best = f"{t['setting']}: {fmt(t['value'], '.2f')}x" if t.get("setting") else "no exact setting"
+        value = (f"{best} (defaults {fmt(t.get('defaults_x_muon'), '.2f')}x, "
+                 f"exact {fmt(t.get('defaults_exact'))})")
         lines.append(row(f"fastest exact {geometry} <= 3x Muon", value, fmt(t.get("met"))))
     t = s.get("muon_share_of_fwd_bwd", {})
     lines.append(row("Muon <= 5% of fwd+bwd (8 GPUs)",
