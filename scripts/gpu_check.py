@@ -291,6 +291,7 @@ def part_numerics(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
     for geometry in ("stiefel", "dgram"):
         if budget.left() < 0:
             result[geometry] = {"status": "skipped: deadline"}
+            result["skipped"] = result.data.get("skipped", []) + [geometry]
             continue
         try:
             result[geometry] = manifold_check(geometry, shapes, sizes.manifold_steps, device, gen)
@@ -462,6 +463,7 @@ def part_optimizer(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
     for label, geometry, kwargs in optimizer_settings(sizes, msign_dtype):
         if budget.left() < 0:
             record(label, {"geometry": geometry, "status": "skipped: deadline", "config": kwargs})
+            result["skipped"] = result.data.get("skipped", []) + [label]
             continue
         try:
             config = ManifoldMuonConfig(**kwargs)
@@ -516,8 +518,10 @@ def run_child_parts(parts: list[str], smoke: bool, budget: float, work: Path, lo
     for part in parts:
         path = work / f"{part}.json"
         result = json.loads(path.read_text()) if path.exists() else {}
-        result["status"] = ("done" if result.pop("finished", False)
-                            else "timeout" if rc is None else f"error rc={rc}")
+        if result.pop("finished", False):
+            result["status"] = "partial" if result.get("skipped") else "done"
+        else:
+            result["status"] = "timeout" if rc is None else f"error rc={rc}"
         if result["status"] != "done":
             result["log_tail"] = tail(log_path, 40)
         result.setdefault("wall_s", wall / len(parts))
