@@ -28,6 +28,13 @@ class TrainingExtras:
     tokenizer_train_chars: int = 1_000_000
     """How many characters of the training split the BPE tokenizer is trained on."""
 
+    encoding: str = "utf-8"
+    """Text encoding of the `.txt`/`.jsonl` files of `dataset = "text_files"` (training and
+    validation sources): a Python codec that keeps ASCII as single bytes ("utf-8", "latin-1",
+    "cp1252", "utf-8-sig", ...). Decoding is strict: a byte sequence that is not valid in it stops
+    the run, naming `path:line`, rather than training on replacement characters. Parquet text is
+    always UTF-8."""
+
 
 @dataclass
 class ValidationExtras:

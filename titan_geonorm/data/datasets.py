@@ -6,7 +6,11 @@ A *source* is a sequence of documents (strings):
 - "text_files": `dataset_path` = one file or a folder searched recursively (sorted paths, hidden
   entries skipped) for `.txt` (cut into documents of about `TXT_DOCUMENT_CHARS` characters at
   paragraph breaks, or at a space inside longer paragraphs), `.jsonl` (one JSON object per line,
-  field "text") and `.parquet` (column "text");
+  field "text") and `.parquet` (column "text"). `.txt`/`.jsonl` are decoded strictly in
+  `[training] encoding` (UTF-8 by default); a line that does not decode, holds a NUL byte or (in
+  `.jsonl`) is not such an object stops the run naming `path:line`. `validate_data_config` scans
+  the files for these errors before training (`scan.py`; bounded cost for huge inputs), the
+  readers check what the scan skipped;
 - "c4", "fineweb-edu": Hugging Face hub datasets, streamed (needs internet; `dataset_path`
   optionally replaces the hub id, e.g. by a local mirror). Not exercised by the offline tests.
 
@@ -43,6 +47,7 @@ from torchtitan.config import JobConfig
 from torchtitan.tools.logging import logger
 
 from titan_geonorm.data.corpus import embedded_corpus_path
+from titan_geonorm.data.scan import check_encoding, scan_files, scan_region
 
 LOCAL_SOURCES = ("embedded", "text_files")
 HUB_SOURCES = {
@@ -145,36 +150,56 @@ def _split_long(text: str, size: int) -> Iterator[str]:
         yield text
 
 
-def _read_txt(path: Path) -> Iterator[str]:
+def _text_lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file decoded strictly; a line that does not decode or holds a
+    NUL byte raises ValueError naming `path:line` (the scan before training covers only part of a
+    large file)."""
+    with open(path, encoding=encoding) as f:
+        try:
+            for lineno, line in enumerate(f, start=1):
+                if "\0" in line:
+                    break
+                yield lineno, line
+            else:
+                return
+        except UnicodeDecodeError:
+            pass
+    # The scan names the line and column from the bytes (the decoder reads ahead of the line being
+    # yielded); it raises for the same bytes, the line below only guards against it not doing so.
+    scan_region(path, encoding, 0, path.stat().st_size)
+    raise ValueError(f"{path}: not valid {encoding} text, or holds a NUL byte")
+
+
+def _read_txt(path: Path, encoding: str = "utf-8") -> Iterator[str]:
     """Paragraphs packed into documents of at most TXT_DOCUMENT_CHARS characters."""
     current: list[str] = []
     size = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for paragraph in _paragraphs(f):
-            for piece in _split_long(paragraph, TXT_DOCUMENT_CHARS):
-                if current and size + len(piece) > TXT_DOCUMENT_CHARS:
-                    yield "\n\n".join(current)
-                    current, size = [], 0
-                current.append(piece)
-                size += len(piece) + 2
+    for paragraph in _paragraphs(line for _, line in _text_lines(path, encoding)):
+        for piece in _split_long(paragraph, TXT_DOCUMENT_CHARS):
+            if current and size + len(piece) > TXT_DOCUMENT_CHARS:
+                yield "\n\n".join(current)
+                current, size = [], 0
+            current.append(piece)
+            size += len(piece) + 2
     if current:
         yield "\n\n".join(current)
 
 
-def _read_jsonl(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+def _read_jsonl(path: Path, encoding: str = "utf-8") -> Iterator[str]:
+    for lineno, line in _text_lines(path, encoding):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object with a string field 'text'"
-                )
-            yield record["text"]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field 'text'")
+        yield record["text"]
 
 
-def _read_parquet(path: Path) -> Iterator[str]:
+def _read_parquet(path: Path, encoding: str = "utf-8") -> Iterator[str]:
+    """The column "text"; `encoding` does not apply (parquet stores strings as UTF-8)."""
     import pyarrow.parquet as pq
 
     table = pq.ParquetFile(path)
@@ -186,10 +211,10 @@ def _read_parquet(path: Path) -> Iterator[str]:
         yield from (t for t in batch.column(0).to_pylist() if t is not None)
 
 
-def read_documents(path: Path) -> Iterator[str]:
+def read_documents(path: Path, encoding: str = "utf-8") -> Iterator[str]:
     """The non-empty documents of one file, by its suffix."""
     readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
-    return (doc for doc in readers[path.suffix](path) if doc)
+    return (doc for doc in readers[path.suffix](path, encoding) if doc)
 
 
 class FileDocuments(Stateful):
@@ -206,8 +231,10 @@ class FileDocuments(Stateful):
         val_fraction: float,
         dp_rank: int,
         dp_world_size: int,
+        encoding: str = "utf-8",
     ):
         self.files = files
+        self.encoding = encoding
         self.split = split
         self.val_fraction = val_fraction
         self.dp_rank = dp_rank
@@ -219,7 +246,7 @@ class FileDocuments(Stateful):
         held_out = self.split == "validation"
         index = 0
         for path in self.files:
-            for doc in read_documents(path):
+            for doc in read_documents(path, self.encoding):
                 if is_held_out(index, self.val_fraction) == held_out:
                     yield doc
                 index += 1
@@ -303,9 +330,10 @@ def build_documents(
         return HubDocuments(name, path, split, val_fraction, dp_rank, dp_world_size)
     if name == "embedded":
         files = [embedded_corpus_path(job_config.training.data_cache_dir)]
-    else:
-        files = text_files(Path(path).expanduser())
-    return FileDocuments(files, split, val_fraction, dp_rank, dp_world_size)
+        return FileDocuments(files, split, val_fraction, dp_rank, dp_world_size)
+    files = text_files(Path(path).expanduser())
+    return FileDocuments(files, split, val_fraction, dp_rank, dp_world_size,
+                         job_config.training.encoding)
 
 
 class PackedTextDataset(IterableDataset, Stateful):
@@ -381,18 +409,21 @@ def build_text_dataloader(
 
 
 def validate_data_config(job_config: JobConfig) -> None:
-    """Check the data settings before any compute; raise ValueError naming the offending key."""
-    v = job_config.validation
+    """Check the data settings before any compute; raise ValueError naming the offending key, or
+    for bad content of a `text_files` file (`scan.scan_files`) its `path:line`."""
+    v, t = job_config.validation, job_config.training
     if not 0 <= v.val_fraction < 1:
         raise ValueError(f"validation.val_fraction must be in [0, 1), got {v.val_fraction}")
-    check_source(*source_of(job_config, "train"))
+    check_encoding(t.encoding)
+    sources = [source_of(job_config, "train")]
+    check_source(*sources[0])
     if v.enable:
         if v.val_fraction == 0:
             raise ValueError(
                 "validation.enable = true needs validation.val_fraction > 0 (the held-out split)"
             )
-        check_source(*source_of(job_config, "validation"))
-    t = job_config.training
+        sources.append(source_of(job_config, "validation"))
+        check_source(*sources[1])
     min_vocab = 256 + 2 + 1
     if t.tokenizer_vocab_size < min_vocab:
         raise ValueError(
@@ -403,3 +434,7 @@ def validate_data_config(job_config: JobConfig) -> None:
         raise ValueError(
             f"training.tokenizer_train_chars must be positive, got {t.tokenizer_train_chars}"
         )
+    # Last: reading the files is the one check here that costs more than a lookup.
+    files = [f for name, path, _ in sources if name == "text_files"
+             for f in text_files(Path(path).expanduser())]
+    scan_files(list(dict.fromkeys(files)), t.encoding)
