@@ -347,6 +347,11 @@ def _layer_block(sizes: Sizes, device):
     return model.layers["0"], model.freqs_cis, seq
 
 
+def resolved(config):
+    """The config with preset-dependent defaults filled in, where the package resolves them late."""
+    return config.resolved() if hasattr(config, "resolved") else config
+
+
 def solver_choices(key: str) -> tuple[str | None, list[str]]:
     """(default, choices) of a ManifoldMuonConfig key such as `stiefel_solver`; (None, []) if absent.
 
@@ -361,7 +366,7 @@ def solver_choices(key: str) -> tuple[str | None, list[str]]:
 
     if key not in {f.name for f in dataclasses.fields(ManifoldMuonConfig)}:
         return None, []
-    default = getattr(ManifoldMuonConfig(), key)
+    default = getattr(resolved(ManifoldMuonConfig()), key)
     modules = [optim] + [importlib.import_module(f"{optim.__name__}.{m.name}")
                          for m in pkgutil.iter_modules(optim.__path__)]
     for module in modules:
@@ -432,7 +437,7 @@ def part_optimizer(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
     del xs
     named = list(block.named_parameters(prefix="layers.0"))
     initial = {n: p.detach().clone() for n, p in named}
-    exact_tol = ManifoldMuonConfig().dual_tol
+    exact_tol = resolved(ManifoldMuonConfig()).dual_tol
     result["exact_tol"] = exact_tol
     rows: dict = {}
     projected: dict = {}
@@ -478,7 +483,7 @@ def part_optimizer(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
             times = timer(opt.step, warmup=1, reps=sizes.reps)
             stats = dict(getattr(opt, "stats", {}))
             violation = stats.get("tangent_violation")
-            row = {"geometry": geometry, "config": kwargs, "resolved": dataclasses.asdict(config),
+            row = {"geometry": geometry, "config": kwargs, "resolved": dataclasses.asdict(resolved(config)),
                    "step_ms": statistics.median(times), "times_ms": times,
                    "dual_iterations": stats.get("dual_iterations"), "tangent_violation": violation}
             if geometry != "muon":
