@@ -27,5 +27,7 @@ for name in names:
     except md.PackageNotFoundError:
         print(f"{name} MISSING")
 PYEOF
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+fi
 exec "$PY" scripts/gpu_check.py "$@"
