@@ -70,6 +70,10 @@ def config(preset: str, **kw) -> ManifoldMuonConfig:
     return ManifoldMuonConfig(preset=preset, **kw)
 
 
+# The dual-ascent solvers, which keep a warm-started dual in optimizer state.
+DUAL = {"stiefel_solver": "dual_ascent", "dgram_solver": "dual_ascent"}
+
+
 def reference(preset: str, **kw) -> dict[str, torch.Tensor]:
     model = build_model()
     opt = ManifoldMuon(model.named_parameters(), config(preset, **kw), lr=1e-3)
@@ -95,9 +99,58 @@ def test_every_param_in_one_group_and_manifolds_kept():
         w1 = model.layers[str(i)].feed_forward.w1.weight.detach()
         gram = w1.T @ w1
         assert (gram - torch.diag(gram.diag())).abs().max() < 1e-5 * gram.diag().max()
+    # The closed forms keep no dual.
+    assert set(opt.state[model.layers["0"].attention.wq.weight]) == {"momentum_buffer"}
+    assert opt.stats["dual_iterations"] == 0 and opt.stats["orth_time_s"] > 0
+    assert opt.stats["tangent_violation"] < 1e-6
+
+
+def test_dual_ascent_keeps_its_warm_start():
+    model = build_model()
+    opt = ManifoldMuon(model.named_parameters(), config("hetero", dual_steps=3, **DUAL))
+    opt.project_()
+    train(model, opt, 2)
     state = opt.state[model.layers["0"].attention.wq.weight]
     assert state["dual_step"].item() == 2 and state["dual"].shape == (64, 64)
-    assert opt.stats["dual_iterations"] >= 1 and opt.stats["orth_time_s"] > 0
+    assert opt.stats["dual_iterations"] >= 1
+
+
+def test_paper_preset_settings_and_training():
+    cfg = config("paper").resolved()
+    assert (cfg.stiefel_solver, cfg.dgram_solver, cfg.dual_tol, cfg.dual_msign_steps) == (
+        "dual_ascent", "dual_ascent", 1e-6, 10)
+    assert (cfg.momentum_style, cfg.dual_iterate, cfg.normalize_g, cfg.warm_start, cfg.dgram_metric) == (
+        "sum", "last", False, False, False)
+    assert (cfg.dgram_retraction, cfg.dgram_init, cfg.fused_qkv, cfg.stiefel_retraction) == (
+        "svd_rank", "singular_values", True, "msign")
+    assert (cfg.muon_scale, cfg.muon_weight_decay, cfg.weight_decay_1d) == ("one", 0.1, False)
+    # An explicit key wins over the preset's value.
+    assert config("paper", warm_start=True, dual_tol=1e-3).resolved().warm_start is True
+    assert config("hetero").resolved().stiefel_solver == "closed_form"
+
+    model = build_model()
+    opt = ManifoldMuon(model.named_parameters(), config("paper", dual_steps=3), weight_decay=0.1)
+    decay = {g["geometry"] + str(p.ndim): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay["adamw1"] == 0.0 and decay["adamw2"] == 0.1
+    opt.project_()
+    train(model, opt, 2)
+    attn = model.layers["0"].attention
+    qkv = torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]).detach()
+    assert (qkv.T @ qkv - torch.eye(64)).abs().max() < 1e-5
+    assert "dual" not in opt.state[attn.wq.weight]  # cold start: nothing to keep
+
+
+def test_sum_momentum_is_the_paper_form():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    opt = ManifoldMuon([("layers.0.attention.wq.weight", w)],
+                       config("muon", momentum_style="sum", momentum=0.5, msign_steps=1))
+    grads = [torch.randn(8, 4) for _ in range(2)]
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+    buf = 0.5 * grads[0] + grads[1]
+    assert torch.allclose(opt.state[w]["momentum_buffer"], buf)
 
 
 def test_loss_decreases_and_lr_scheduler_scales_groups():
@@ -122,7 +175,7 @@ def test_loss_decreases_and_lr_scheduler_scales_groups():
 
 def test_fused_qkv_constrains_the_concatenation():
     model = build_model()
-    opt = ManifoldMuon(model.named_parameters(), config("all_stiefel", fused_qkv=True))
+    opt = ManifoldMuon(model.named_parameters(), config("all_stiefel", fused_qkv=True, dual_steps=3, **DUAL))
     opt.project_()
     train(model, opt, 2)
     attn = model.layers["1"].attention
@@ -140,7 +193,7 @@ def test_fused_qkv_refuses_split_geometries():
 
 def test_zero_lr_step_only_initializes_state():
     model = build_model()
-    opt = ManifoldMuon(model.named_parameters(), config("hetero"))
+    opt = ManifoldMuon(model.named_parameters(), config("hetero", **DUAL))
     before = full_weights(model)
     get_optimizer_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
     after = full_weights(model)
@@ -212,16 +265,19 @@ def _equivalence_worker(cases: list[tuple[str, str, dict, dict]]):
         print(f"rank {os.environ['RANK']} {mode} {preset}: max abs weight diff {worst:.2e}")
 
 
-# Layouts differ from one process by ~1e-7 in the reduced gradients. The dual loop is a subgradient
-# method on a non-smooth dual (low-rank test gradients make G + 2 W Lambda near-singular), and it
-# amplifies that: measured 1e-7 gradient noise -> ~3e-6 weight change at K=3, ~4e-3 at K=20 over 3
-# steps. So: K=3 and no early-exit threshold (a threshold can move by one iteration).
-EXACT = {"dual_tol": 0.0, "dual_steps": 3}
+# Layouts differ from one process by ~1e-7 in the reduced gradients. The closed forms (the default
+# solvers, compared at their real settings) are smooth in G. The dual loop is a subgradient method on
+# a non-smooth dual (low-rank test gradients make G + 2 W Lambda near-singular), and it amplifies
+# that: measured 1e-7 gradient noise -> ~3e-6 weight change at K=3, ~4e-3 at K=20 over 3 steps. So
+# for it: K=3 and no early-exit threshold (a threshold can move by one iteration).
+EXACT = DUAL | {"dual_tol": 0.0, "dual_steps": 3}
 # One spawn per world size (process start-up dominates); every geometry on every layout.
 # "replicated": plain tensors on every rank (as under DDP), work still split across ranks.
 LAYOUTS = {
-    2: [("fsdp", "hetero", EXACT), ("tp", "hetero_inv", EXACT), ("replicated", "muon", {})],
-    4: [("fsdp_tp", "hetero", EXACT), ("fsdp_tp", "muon", {}), ("fsdp_tp", "all_dgram", EXACT | {"fused_qkv": True})],
+    2: [("fsdp", "hetero", {}), ("fsdp", "hetero", EXACT), ("tp", "hetero_inv", {}),
+        ("tp", "hetero_inv", EXACT), ("replicated", "muon", {})],
+    4: [("fsdp_tp", "hetero", {}), ("fsdp_tp", "hetero", EXACT), ("fsdp_tp", "muon", {}),
+        ("fsdp_tp", "all_dgram", {"fused_qkv": True}), ("fsdp_tp", "all_dgram", EXACT | {"fused_qkv": True})],
 }
 
 
@@ -242,7 +298,7 @@ def _save_worker(path: str):
 
     torch.set_num_threads(1)
     model = _parallelize(build_model(), "fsdp")
-    opt = ManifoldMuon(model.named_parameters(), config("hetero"), lr=1e-3)
+    opt = ManifoldMuon(model.named_parameters(), config("hetero", **DUAL), lr=1e-3)
     opt.project_()
     train(model, opt, 2)
     state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt, options=FLAT)}
@@ -252,7 +308,7 @@ def _save_worker(path: str):
 def _resume(path: str, model: torch.nn.Module) -> ManifoldMuon:
     import torch.distributed.checkpoint as dcp
 
-    opt = ManifoldMuon(model.named_parameters(), config("hetero"), lr=1e-3)
+    opt = ManifoldMuon(model.named_parameters(), config("hetero", **DUAL), lr=1e-3)
     state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt, options=FLAT)}
     dcp.load(state, checkpoint_id=path)
     model.load_state_dict(state["model"])
@@ -293,7 +349,7 @@ def test_resume_keeps_lr_schedule_on_every_geometry():
 @pytest.mark.distributed
 def test_dcp_resume_2_ranks_to_1_matches_uninterrupted(tmp_path):
     model = build_model()
-    opt = ManifoldMuon(model.named_parameters(), config("hetero"), lr=1e-3)
+    opt = ManifoldMuon(model.named_parameters(), config("hetero", **DUAL), lr=1e-3)
     opt.project_()
     uninterrupted = train(model, opt, 4)
 

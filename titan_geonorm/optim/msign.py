@@ -76,8 +76,9 @@ def msign(
     tall = y.size(-2) > y.size(-1)
     if tall:
         y = y.mT
-    # Normalize in fp32 before the cast: a bf16 Frobenius norm of a large matrix can overflow.
-    y = y.float()
+    # Normalize in fp32 (or wider) before the cast: a bf16 Frobenius norm of a large matrix can
+    # overflow.
+    y = y.to(torch.promote_types(y.dtype, torch.float32))
     scale = torch.linalg.matrix_norm(y, keepdim=True)
     if method == "polar_express":
         scale = scale * _SAFETY

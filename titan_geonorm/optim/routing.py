@@ -18,8 +18,8 @@ __all__ = ["GEOMETRIES", "PRESETS", "clean_name", "parse_rules", "preset_rules",
 
 GEOMETRIES = MATRIX_GEOMETRIES + ("adamw",)
 
-# Module wrappers that torch.compile, activation checkpointing and FSDP1 insert into names.
-_WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+# Module wrappers that activation checkpointing, torch.compile and FSDP1 insert into names.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 _ATTENTION = r"(^|\.)attention\.(wq|wk|wv|wo)\.weight$"
 _MLP = r"(^|\.)feed_forward\.(w1|w2|w3)\.weight$"
@@ -30,6 +30,9 @@ PRESETS: dict[str, tuple[tuple[str, str], ...]] = {
     "all_stiefel": ((_ATTENTION, "stiefel"), (_MLP, "stiefel")),
     "all_dgram": ((_ATTENTION, "dgram"), (_MLP, "dgram")),
     "muon": ((_ATTENTION, "muon"), (_MLP, "muon")),
+    # The module-wise paper's best arm (Stiefel attention, DGram MLP); its other settings are
+    # `config.PRESET_SETTINGS["paper"]`.
+    "paper": ((_ATTENTION, "stiefel"), (_MLP, "dgram")),
 }
 
 
@@ -40,7 +43,9 @@ def clean_name(name: str) -> str:
     return name
 
 
-def parse_rules(rules: Iterable[str], key: str = "optimizer.manifold_muon.rules") -> list[tuple[re.Pattern, str]]:
+def parse_rules(
+    rules: Iterable[str], key: str = "optimizer.manifold_muon.rules"
+) -> list[tuple[re.Pattern, str]]:
     """Parse `"regex=geometry"` strings (split at the last `=`); errors name the rule."""
     parsed = []
     for rule in rules:
@@ -49,7 +54,9 @@ def parse_rules(rules: Iterable[str], key: str = "optimizer.manifold_muon.rules"
         if not sep or not pattern:
             raise ValueError(f"{key}: rule {rule!r} is not of the form 'regex=geometry'")
         if geometry not in GEOMETRIES:
-            raise ValueError(f"{key}: rule {rule!r} names unknown geometry {geometry!r}; expected one of {GEOMETRIES}")
+            raise ValueError(
+                f"{key}: rule {rule!r} names unknown geometry {geometry!r}; expected one of {GEOMETRIES}"
+            )
         try:
             parsed.append((re.compile(pattern), geometry))
         except re.error as err:
@@ -59,7 +66,9 @@ def parse_rules(rules: Iterable[str], key: str = "optimizer.manifold_muon.rules"
 
 def preset_rules(preset: str) -> list[tuple[re.Pattern, str]]:
     if preset not in PRESETS:
-        raise ValueError(f"optimizer.manifold_muon.preset: unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
+        raise ValueError(
+            f"optimizer.manifold_muon.preset: unknown preset {preset!r}; expected one of {tuple(PRESETS)}"
+        )
     return [(re.compile(pattern), geometry) for pattern, geometry in PRESETS[preset]]
 
 
@@ -76,8 +85,8 @@ def assign_geometries(
         geometry = next((geo for pattern, geo in ordered if pattern.search(name)), "adamw")
         if geometry != "adamw" and param.ndim != 2:
             raise ValueError(
-                f"optimizer.manifold_muon: parameter {name!r} of shape {tuple(param.shape)} is routed to "
-                f"geometry {geometry!r}, which needs a 2-D weight; route it to adamw"
+                f"optimizer.manifold_muon: parameter {name!r} of shape {tuple(param.shape)} is routed "
+                f"to geometry {geometry!r}, which needs a 2-D weight; route it to adamw"
             )
         assignment[name] = geometry
     return assignment
