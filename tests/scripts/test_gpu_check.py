@@ -3,6 +3,7 @@
 The GPU check runs only when a GPU is lent; this keeps its code paths from rotting in between.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -56,3 +57,35 @@ def test_gpu_check_smoke(tmp_path):
     for key in ("variants_within_2pct_of_titan", "stiefel_fastest_exact_x_muon", "dgram_fastest_exact_x_muon",
                 "muon_share_of_fwd_bwd", "bf16_geonorm", "bf16_stiefel", "bf16_dgram"):
         assert key in summary, key
+
+
+def _load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_of_failed_and_cut_parts(tmp_path):
+    """On a GPU day parts fail or get cut; the report must still be written, saying so."""
+    gpu_check = _load_gpu_check()
+    settings = {"muon": {"geometry": "muon", "step_ms": 2.0},
+                "stiefel defaults": {"geometry": "stiefel", "status": "skipped: deadline"}}
+    variants = {"llama3_titan": {"status": "timeout", "steps_done": 0, "loss_finite": False},
+                "llama3_geonorm": {"status": "skipped: deadline"}}
+    report = {
+        "env": {"device": "NVIDIA H200", "smoke": False},
+        "parts": {
+            "numerics": {"status": "error rc=1", "geonorm": {"status": "error: TypeError: x", "ok": False}},
+            "optimizer": {"status": "timeout", "settings": settings,
+                          "layer": {"matrices": {"layers.0.attention.wq.weight": [8, 8]}}},
+            "train": {"status": "partial", "warmup_steps": 10, "variants": variants,
+                      "config": gpu_check.train_config(gpu_check.FULL, True)},
+        },
+    }
+    gpu_check.write_report(report, tmp_path)
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "| llama3_titan | timeout |" in text and "skipped: deadline" in text and "error: TypeError" in text
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())["summary"]
+    assert summary["variants_within_2pct_of_titan"]["met"] is None
+    assert summary["stiefel_fastest_exact_x_muon"]["met"] is None
