@@ -133,7 +133,7 @@ def run_process(cmd: list[str], env: dict, timeout: float, log_path: Path) -> tu
             rc = proc.wait(timeout=max(timeout, 1.0))
         except subprocess.TimeoutExpired:
             rc = None
-            for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
                 try:
                     os.killpg(proc.pid, sig)
                     proc.wait(timeout=grace)
