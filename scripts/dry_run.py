@@ -37,7 +37,6 @@ import json
 import os
 import re
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -95,9 +94,9 @@ def run_one(args, model: str, optimizer: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from titan_geonorm.preflight import run_preflight
-    from titan_geonorm.train import parse_config
-    from titan_geonorm.trainer import GeoNormTrainer
+    from titan_geonorm.titan.preflight import run_preflight
+    from titan_geonorm.titan.launcher import parse_config
+    from titan_geonorm.titan.trainer import GeoNormTrainer
 
     begin = time.monotonic()
     with tempfile.TemporaryDirectory() as dump:
@@ -145,7 +144,7 @@ def run(args):
     """Every (model, optimizer) pair in one process, one JSON line each."""
     os.environ.update(NGPU=str(args.ngpu), LOCAL_RANK="0", RANK="0", WORLD_SIZE=str(args.ngpu))
     os.environ.setdefault("OMP_NUM_THREADS", "2")
-    import titan_geonorm  # noqa: F401  (CPU patches before torchtitan)
+    import titan_geonorm.titan.launcher  # noqa: F401  (CPU patches before torchtitan, train specs)
     from torchtitan.tools.logging import init_logger
 
     init_logger()
@@ -156,7 +155,7 @@ def run(args):
 
 def shapes(model: str, flavor: str) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of a meta-device model of the flavor."""
-    import titan_geonorm  # noqa: F401
+    import titan_geonorm.titan.launcher  # noqa: F401  (CPU patches before torchtitan, train specs)
     import torch
     from torchtitan.protocols.train_spec import get_train_spec
 

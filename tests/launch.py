@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from titan_geonorm.metrics import read_metrics
+from titan_geonorm.titan.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny.toml"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from titan_geonorm.checkpoint import stale_checkpoints
+from titan_geonorm.titan.patches import stale_checkpoints
 
 # What torchtitan's purge sees, run in a fresh interpreter (stock or patched), as rank 0 of a
 # one-process gloo group; prints the folders it queued for deletion.
@@ -16,7 +16,8 @@ _PURGE = """
 import json, queue, sys, types
 import torch.distributed as dist
 if sys.argv[2] == "patched":
-    import titan_geonorm
+    from titan_geonorm.titan.patches import patch_purge_counts_complete_checkpoints
+    patch_purge_counts_complete_checkpoints()
 from torchtitan.components.checkpoint import CheckpointManager
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0?", rank=0, world_size=1)
 manager = types.SimpleNamespace(  # the attributes the purge reads; the thread is only checked

@@ -25,7 +25,7 @@ def test_device_type_without_patch_is_cuda():
 
 def test_device_type_with_patch_is_cpu():
     code = (
-        "from titan_geonorm.cpu_patches import patch_device_type; patch_device_type()\n"
+        "from titan_geonorm.titan.patches import patch_device_type; patch_device_type()\n"
         "from torchtitan.tools import utils; print(utils.device_type, utils.device_module.__name__)"
     )
     assert _python(code) == "cpu torch.cpu"
@@ -42,7 +42,7 @@ def test_memory_stats_without_patch_fail():
 
 def test_memory_stats_with_patch_report_peak_rss():
     code = (
-        "import titan_geonorm\n"
+        "from titan_geonorm.titan.patches import apply_cpu_patches; apply_cpu_patches()\n"
         "from torchtitan.components.metrics import DeviceMemoryMonitor\n"
         "m = DeviceMemoryMonitor('cpu:0'); s = m.get_peak_stats()\n"
         "print(s.max_reserved_gib > 0, m.device_capacity_gib > 1)"
@@ -51,14 +51,13 @@ def test_memory_stats_with_patch_report_peak_rss():
 
 
 def _barrier_with_cpu_device_id(patched: bool) -> None:
-    if patched:  # importing titan_geonorm applies every CPU patch
-        from titan_geonorm.cpu_patches import patch_gloo_barrier
-
-        patch_gloo_barrier()
-        dist.barrier(device_ids=[torch.cpu.current_device()])
+    # The test package applies every CPU patch in each rank; the stock barrier is the wrapped one.
+    barrier = dist.barrier if patched else dist.barrier.__wrapped__
+    if patched:
+        barrier(device_ids=[torch.cpu.current_device()])
     else:
         with pytest.raises(TypeError):
-            dist.barrier(device_ids=[torch.cpu.current_device()])
+            barrier(device_ids=[torch.cpu.current_device()])
 
 
 def test_gloo_barrier_with_device_ids_raises_without_patch():
@@ -71,12 +70,12 @@ def test_gloo_barrier_with_patch():
 
 def test_apply_is_idempotent_and_refuses_late_import():
     code = (
-        "import titan_geonorm, titan_geonorm.cpu_patches as c\n"
+        "import titan_geonorm.titan.patches as c\n"
         "print(c.apply_cpu_patches(), c.apply_cpu_patches())"
     )
     assert _python(code) == "True True"
     late = subprocess.run(
-        [sys.executable, "-c", "import torchtitan.tools.utils; import titan_geonorm"],
+        [sys.executable, "-c", "import torchtitan.tools.utils; import titan_geonorm.train"],
         capture_output=True, text=True,
     )
     assert late.returncode != 0

@@ -1,6 +1,5 @@
 """Every upstream-ready patch in patches/ applies cleanly to the installed torchtitan wheel."""
 
-import titan_geonorm  # noqa: F401  (CPU patches must precede torchtitan's import)
 import subprocess
 from pathlib import Path
 

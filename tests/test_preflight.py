@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from tests.launch import REPO, TINY_CONFIG, env
-from titan_geonorm.preflight import ConfigError, run_preflight
-from titan_geonorm.train import parse_config
+from titan_geonorm.titan.preflight import ConfigError, run_preflight
+from titan_geonorm.titan.launcher import parse_config
 
 
 def check(*overrides: str, world: int = 1, config=TINY_CONFIG, monkeypatch=None):

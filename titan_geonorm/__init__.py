@@ -1,19 +1,20 @@
 """titan-geonorm: GeoNorm, Peri-LN and per-module Manifold Muon for torchtitan 0.2.2.
 
-Importing the package (torchtitan's `[experimental] custom_import = "titan_geonorm"`) registers
-the train specs and makes checkpoint retention count complete checkpoints only
-(`titan_geonorm.checkpoint`). On a machine without an accelerator it first applies the CPU patches,
-which must precede torchtitan's import (see `titan_geonorm.cpu_patches`).
+Importing the package, or any of its maths modules (`geonorm`, `peri_ln`, `norms`, `optim.msign`,
+`optim.geometries`, ...), imports no torchtitan and patches nothing. Everything that knows
+torchtitan lives in `titan_geonorm.titan` (docs/architecture.md).
+
+The one exception is torchtitan's own plugin hook: `[experimental] custom_import =
+"titan_geonorm"` imports this package from inside a torchtitan process, and there (torchtitan
+already loaded) the import registers the plugin's train specs, so stock launchers
+(`torchrun -m torchtitan.train`) find them. `python -m titan_geonorm.train` registers them itself.
 """
 
-from titan_geonorm.cpu_patches import apply_cpu_patches
-
-apply_cpu_patches()
-
-from titan_geonorm.checkpoint import patch_purge_counts_complete_checkpoints  # noqa: E402
-from titan_geonorm.registry import register_all  # noqa: E402
-
-patch_purge_counts_complete_checkpoints()
-register_all()
+import sys
 
 __version__ = "0.1.0"
+
+if "torchtitan" in sys.modules:
+    from titan_geonorm.titan import register
+
+    register()

@@ -8,7 +8,7 @@ keys to torchtitan's sections, while `geonorm`, `peri_ln`, `divergence` and `dia
 from dataclasses import dataclass, field
 
 from titan_geonorm.data.config import TrainingExtras, ValidationExtras
-from titan_geonorm.diagnostics import DiagnosticsConfig
+from titan_geonorm.diagnostics_config import DiagnosticsConfig
 from titan_geonorm.divergence_config import DivergenceConfig
 from titan_geonorm.models.config import GeoNormConfig, ModelExtras, PeriLNConfig
 from titan_geonorm.optim.config import ManifoldMuonConfig
@@ -16,6 +16,12 @@ from titan_geonorm.optim.config import ManifoldMuonConfig
 
 @dataclass
 class Optimizer:
+    weight_decay_1d: bool = False
+    """Apply `weight_decay` to the 1-D and scalar parameters of the plugin's block variants (norm
+    gains and biases, Peri-LN output gains, GeoNorm step scalars). Default false: AdamW gives
+    them a group of their own with weight decay 0, as is usual for gains. `llama3_titan` keeps
+    torchtitan's behaviour (every parameter decayed) either way."""
+
     manifold_muon: ManifoldMuonConfig = field(default_factory=ManifoldMuonConfig)
     """Used when `[optimizer] name = "ManifoldMuon"`."""
 

@@ -39,7 +39,6 @@ Pipeline parallelism is not supported (stages hold different layers).
 import math
 import re
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,43 +49,13 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torchtitan.models.llama3.model.model import apply_rotary_emb
 from torchtitan.tools.logging import logger
 
+from titan_geonorm.diagnostics_config import DiagnosticsConfig
 from titan_geonorm.geonorm import GeodesicStep
 from titan_geonorm.optim.routing import clean_name
 
-_KEY = "diagnostics"
 PREFIX = "diagnostics/"
 _NORM_NAMES = ("attention_norm", "ffn_norm", "attention_out_norm", "ffn_out_norm", "norm", "emb_norm")
 _BLOCK_MATRIX = re.compile(r"^layers\.(\d+)\.")
-
-
-@dataclass
-class DiagnosticsConfig:
-    enable: bool = False
-    """Log geometry diagnostics (`titan_geonorm.diagnostics`). Off: no hooks, no cost."""
-
-    freq: int = 50
-    """Diagnostic steps: step 1 and every multiple of `freq`."""
-
-    attention_sequences: int = 1
-    """Sequences of each rank's first micro-batch used for the attention logit/entropy side
-    computation."""
-
-    attention_max_tokens: int = 256
-    """Leading tokens of each of those sequences used for the attention side computation."""
-
-    singular_values: bool = True
-    """Compute largest/smallest singular values (exact SVD of every block matrix, spread over
-    ranks): the costliest part at scale."""
-
-    def validate(self) -> None:
-        """Raise ValueError naming `diagnostics.<key>` for the first bad value."""
-        for key in ("enable", "singular_values"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"{_KEY}.{key} = {getattr(self, key)!r}: must be true or false")
-        for key in ("freq", "attention_sequences", "attention_max_tokens"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{_KEY}.{key} = {value!r}: must be an integer >= 1")
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -226,7 +195,7 @@ class Diagnostics:
         config.validate()
         if len(model_parts) != 1:
             raise ValueError(
-                f"{_KEY}.enable = true is not supported with pipeline parallelism "
+                f"diagnostics.enable = true is not supported with pipeline parallelism "
                 f"({len(model_parts)} model parts on this rank)"
             )
         self.config = config
@@ -436,7 +405,7 @@ def _summary(step: int, metrics: dict[str, float]) -> str:
 
 def build_diagnostics(job_config, model_parts: list[nn.Module], grad_accum_steps: int) -> Diagnostics | None:
     """`Diagnostics` when `[diagnostics] enable = true`, else None (then nothing is hooked)."""
-    config: Any = getattr(job_config, _KEY, None)
+    config: Any = getattr(job_config, "diagnostics", None)
     if config is None or not config.enable:
         return None
     return Diagnostics(config, model_parts, grad_accum_steps)

@@ -1,94 +1,9 @@
 """`python -m titan_geonorm.train --job.config_file X.toml [--section.key value ...]`.
 
-torchtitan's trainer with the plugin imported first (CPU patches when there is no accelerator,
-train specs registered) and the plugin's config module merged in. The config is parsed and
-checked (`titan_geonorm.preflight`) before any process group, model or data is built; a bad
-config exits with status 2 and a one-line message naming the key.
+The entry point; the launcher itself is `titan_geonorm.titan.launcher`.
 """
 
-import os
-import sys
-
-import titan_geonorm  # noqa: F401  (must precede torchtitan: CPU patches, spec registration)
-from titan_geonorm.preflight import ConfigError, run_preflight
-
-
-def _cli_key(arg: str) -> str:
-    """`--job.config-file=x` -> `--job.config_file` (tyro accepts both spellings)."""
-    key = arg.split("=", 1)[0]
-    return "--" + key[2:].replace("-", "_") if key.startswith("--") else key
-
-
-def plugin_args(argv: list[str]) -> list[str]:
-    """Default `custom_config_module`/`custom_import` to the plugin unless given on the CLI.
-
-    Passed on the command line, they also apply to TOML files that don't name the plugin.
-    """
-    args = list(argv)
-    keys = {_cli_key(a) for a in args}
-    if "--job.custom_config_module" not in keys:
-        args += ["--job.custom_config_module", "titan_geonorm.config"]
-    if "--experimental.custom_import" not in keys:
-        args += ["--experimental.custom_import", "titan_geonorm"]
-    return args
-
-
-def config_file_arg(argv: list[str]) -> str | None:
-    for i, arg in enumerate(argv):
-        if _cli_key(arg) == "--job.config_file":
-            _, _, value = arg.partition("=")
-            return value or (argv[i + 1] if i + 1 < len(argv) else None)
-    return None
-
-
-def parse_config(argv: list[str]):
-    from torchtitan.config import ConfigManager
-
-    path = config_file_arg(argv)
-    if path is not None and not os.path.isfile(path):
-        raise ConfigError(f"job.config_file = {path!r}: no such file")
-    try:
-        return ConfigManager().parse_args(plugin_args(argv))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def run(job_config) -> None:
-    """Train (or write a seed checkpoint) as torchtitan's `main` does, with `GeoNormTrainer`
-    (torchtitan's Trainer plus the `[divergence]` guard)."""
-    import torch.distributed as dist
-
-    from titan_geonorm.trainer import GeoNormTrainer
-
-    trainer = None
-    try:
-        trainer = GeoNormTrainer(job_config)
-        if job_config.comm.mode == "local_tensor":
-            return  # torchtitan 0.2.2 cannot init weights under LocalTensor: construction only
-        if job_config.checkpoint.create_seed_checkpoint:
-            trainer.checkpointer.save(curr_step=0, last_step=True)
-        else:
-            trainer.train()
-    finally:
-        if trainer is not None:
-            trainer.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def main(argv: list[str] | None = None) -> None:
-    from torchtitan.tools.logging import init_logger
-
-    init_logger()
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        job_config = parse_config(argv)
-        run_preflight(job_config)
-    except ConfigError as e:
-        print(f"titan_geonorm: invalid configuration: {e}", file=sys.stderr)
-        sys.exit(2)
-    run(job_config)
-
+from titan_geonorm.titan.launcher import main
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from titan_geonorm.data import build_dataloader, build_validator, validate_data_config
+from titan_geonorm.data.datasets import validate_data_config
+from titan_geonorm.titan.data import build_dataloader, build_validator
 from titan_geonorm.data.datasets import (
     build_documents,
     build_text_dataloader,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import titan_geonorm.data.tokenizer as tokenizer_module
-from titan_geonorm.data import build_tokenizer
+from titan_geonorm.data.tokenizer import build_tokenizer
 from titan_geonorm.data.corpus import embedded_corpus_path
 from titan_geonorm.data.tokenizer import BOS_TOKEN, EOS_TOKEN
 from tests.distributed import run_distributed_test

@@ -1,7 +1,7 @@
 """Test-only fault injection, loaded with `--experimental.custom_import tests.hardening.faults`.
 
-Imports the plugin (train specs, CPU patches), then, driven by environment variables, kills the
-process with SIGKILL at a chosen point -- a real crash, nothing is cleaned up:
+Loaded inside `python -m titan_geonorm.train` (patches applied, specs registered). Driven by
+environment variables, it kills the process with SIGKILL at a chosen point -- a real crash, nothing is cleaned up:
 
 - `TG_KILL_RANK=r TG_KILL_AT_STEP=n`: rank r dies as step n starts, only in torchrun's first
   attempt (`TORCHELASTIC_RESTART_COUNT` = 0), so the restarted job runs through.
@@ -14,8 +14,7 @@ import signal
 
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-import titan_geonorm  # noqa: F401
-from titan_geonorm.trainer import GeoNormTrainer
+from titan_geonorm.titan.trainer import GeoNormTrainer
 
 
 def _die() -> None:

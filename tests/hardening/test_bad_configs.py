@@ -8,8 +8,8 @@ import tomllib
 import pytest
 
 from tests.launch import REPO, TINY_CONFIG, env
-from titan_geonorm.preflight import ConfigError, run_preflight
-from titan_geonorm.train import parse_config
+from titan_geonorm.titan.preflight import ConfigError, run_preflight
+from titan_geonorm.titan.launcher import parse_config
 
 MM = ("--optimizer.name", "ManifoldMuon")
 
@@ -66,7 +66,7 @@ CASES = [
      "optimizer.name = 'ManifoldMuon' with parallelism.pipeline_parallel_degree = 2"),
     ("pp-drops-emb-norm", {"peri_ln": {"embedding_norm": True}},
      ("--model.name", "llama3_periln", "--parallelism.pipeline_parallel_degree", "2"), 2,
-     "peri_ln.embedding_norm = true with parallelism.pipeline_parallel_degree = 2"),
+     "has an embedding norm (emb_norm) with parallelism.pipeline_parallel_degree = 2"),
 ]
 
 

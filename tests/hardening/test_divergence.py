@@ -9,7 +9,7 @@ import pytest
 
 from tests.hardening.conftest import FSDP2, launch, seeded_args
 from tests.launch import losses, steps
-from titan_geonorm.metrics import read_metrics
+from titan_geonorm.titan.metrics import read_metrics
 
 pytestmark = pytest.mark.distributed
 

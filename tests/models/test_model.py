@@ -3,7 +3,6 @@ GeoNorm, parameter names, initialization, config validation."""
 
 import math
 
-import titan_geonorm  # noqa: F401  (CPU patches must precede torchtitan's import)
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +11,7 @@ from torchtitan.models.llama3.model.args import TransformerModelArgs
 from torchtitan.models.llama3.model.model import Transformer
 
 from titan_geonorm.models.args import BlockVariant, VariantModelArgs
+from titan_geonorm.titan.preflight import check_sections
 from titan_geonorm.models.model import VariantTransformer
 
 SHAPE = dict(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16, multiple_of=16)
@@ -233,6 +233,6 @@ def test_update_from_config_reads_the_toml_sections():
     ],
 )
 def test_bad_values_name_the_key(override, key):
-    args = VariantModelArgs(**SHAPE, block="geonorm")
+    # Each section validates itself once, in preflight (update_from_config no longer re-checks).
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        args.update_from_config(parse(*override))
+        check_sections(parse(*override))

@@ -2,7 +2,6 @@
 
 import copy
 
-import titan_geonorm  # noqa: F401  (CPU patches must precede torchtitan's import)
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,7 +12,7 @@ from torchtitan.distributed import ParallelDims
 
 from tests.distributed import run_distributed_test
 from tests.models.test_model import NORMS, VARIANTS, build, perturb_gains, tokens
-from titan_geonorm.models.parallelize import parallelize_variant
+from titan_geonorm.titan.parallelize import parallelize_variant
 
 pytestmark = pytest.mark.distributed
 
@@ -76,9 +75,6 @@ ALL_CASES = [(b, n) for b in VARIANTS for n in NORMS]
 
 def _tp2():
     _check_against_single_process(dp_shard=1, tp=2, cases=ALL_CASES)
-    dims = _parallel_dims(dp_shard=1, tp=2)
-    with pytest.raises(ValueError, match="compile.enable"):
-        parallelize_variant(build("geonorm"), dims, _job_config("--compile.enable"))
 
 
 def _fsdp2_selective_ac():
@@ -102,7 +98,9 @@ def _fsdp2_compile():
     )
 
 
-def test_tp2_matches_single_process_and_refuses_compile():
+# TP + compile on CPU is refused once, by preflight (tests/hardening/test_bad_configs.py,
+# case compile-with-tp-on-cpu).
+def test_tp2_matches_single_process():
     run_distributed_test(_tp2, 2)
 
 

@@ -9,7 +9,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from tests.distributed import run_distributed_test
-from titan_geonorm.models.parallelize import _allreduce_sum_hook, force_sum_reduction_on_gloo
+from titan_geonorm.titan.patches import allreduce_sum_hook, force_sum_reduction_on_gloo
 
 
 def _local_grad(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ def _ddp_grads() -> None:
     averaged, summed = _model(), _model()
     replicate(averaged, device_mesh=mesh)
     replicate(summed, device_mesh=mesh)
-    summed.register_comm_hook(None, _allreduce_sum_hook)
+    summed.register_comm_hook(None, allreduce_sum_hook)
     expected = _expected_sum_grad(world)
     torch.testing.assert_close(_local_grad(averaged, batch), expected / world)
     torch.testing.assert_close(_local_grad(summed, batch), expected)

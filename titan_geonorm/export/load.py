@@ -30,8 +30,7 @@ def _single_process():
 
 def load_job_config(config_file: str | Path, overrides: list[str] = ()):
     """The job config of `config_file` with `--section.key value` overrides, as the trainer sees it."""
-    import titan_geonorm  # noqa: F401  (registers the train specs)
-    from titan_geonorm.train import parse_config
+    from titan_geonorm.titan.launcher import parse_config  # CPU patches, train specs
 
     return parse_config(["--job.config_file", str(config_file), *overrides])
 
@@ -40,9 +39,10 @@ def build_model_args(job_config):
     """(model class, model args) of the config's `[model] name` and `flavor`, updated from the config."""
     from torchtitan.protocols.train_spec import get_train_spec
 
-    from titan_geonorm.preflight import check_model
+    from titan_geonorm.titan.preflight import check_model, check_sections
 
     check_model(job_config)
+    check_sections(job_config)
     spec = get_train_spec(job_config.model.name)
     args = copy.deepcopy(spec.model_args[job_config.model.flavor])
     args.update_from_config(job_config)

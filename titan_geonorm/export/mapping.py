@@ -20,7 +20,7 @@ import torch
 from torchtitan.models.llama3.model.args import TransformerModelArgs
 from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
 
-BLOCKS = ("pre", "post", "peri", "geonorm")
+from titan_geonorm.models.blocks import BLOCKS
 
 
 class Target(StrEnum):
@@ -33,7 +33,7 @@ def block_of(args: TransformerModelArgs) -> str:
     """The block variant of `args`; torchtitan's own llama3 args (no `block` field) are Pre-LN."""
     block = str(getattr(args, "block", "pre"))
     if block not in BLOCKS:
-        raise ValueError(f"cannot export block variant {block!r}: known variants are {BLOCKS}")
+        raise ValueError(f"cannot export block variant {block!r}: known variants are {tuple(BLOCKS)}")
     return block
 
 
@@ -42,13 +42,12 @@ def norm_type_of(args: TransformerModelArgs) -> str:
 
 
 def select_target(args: TransformerModelArgs) -> Target:
-    """The stock HF class that computes exactly this model, else `custom`."""
-    block, rms = block_of(args), norm_type_of(args) == "rmsnorm"
-    if block == "pre" and rms:
+    """The stock HF class that computes exactly this model, else `custom`: the block class says.
+
+    torchtitan's own llama3 args (no block variant, RMSNorm) are Llama's."""
+    if not hasattr(args, "block"):
         return Target.LLAMA
-    if block == "peri" and rms and not getattr(args, "embedding_norm", False):
-        return Target.GLM4
-    return Target.CUSTOM
+    return Target(BLOCKS[block_of(args)].hf_target(args))
 
 
 _GLM4_LAYER = {

@@ -3,6 +3,12 @@
 import math
 from dataclasses import dataclass
 
+from titan_geonorm.checks import require, require_bool
+from titan_geonorm.geonorm import DECAY_SCHEDULES, RADII, UPDATE_MAPS
+from titan_geonorm.norms import NORM_TYPES
+
+DECAY_INDICES = ("sublayer", "block")
+
 
 @dataclass
 class ModelExtras:
@@ -21,16 +27,37 @@ class ModelExtras:
     norm_bias: bool = False
     """LayerNorm bias (ignored for rmsnorm)."""
 
+    def validate(self) -> None:
+        require(self.norm_type in NORM_TYPES, "model.norm_type", self.norm_type,
+                f"expected one of {NORM_TYPES}")
+        require_bool(self, "model", "norm_bias")
+
 
 @dataclass
 class GeoNormConfig:
-    """`[geonorm]`: choices of the GeoNorm residual update (DESIGN.md section 3)."""
+    """`[geonorm]`: choices of the GeoNorm residual update (`titan_geonorm.geonorm.geodesic_step`).
+
+    The third-party reading of arXiv 2601.22095 is `theta_base_max = theta_max = pi/4`,
+    `learnable_bias = true`, `decay_index = "block"`, harmonic decay for both sublayers.
+    """
+
+    radius: str = "sphere"
+    """`sphere`: the state keeps radius sqrt(d) (embeddings projected onto it, gain-only norms,
+    DESIGN.md section 3); `prenorm`: its norm evolves as Pre-LN's residual would (||h + u||) while
+    the direction moves along the geodesic; sublayers and the head read real norms (with gains)
+    of the state and the embeddings are not projected."""
+
+    update_map: str = "exp"
+    """`exp`: turn by theta_0 = ||v||/||h||, the exact geodesic; `retraction`: by Pre-LN's own
+    angle atan2(||v||/||h||, 1 + <h,u>/||h||^2), which with radius `prenorm`, no decay, bias or
+    clamp is Pre-LN exactly (`sphere`: Post-LN)."""
 
     attn_decay: str = "none"
-    """Depth decay s(k) of the attention steps: none | sqrt | harmonic | linear."""
+    """Depth decay s(k) of the attention angles, a learning-rate-like schedule over depth:
+    none | sqrt | harmonic | linear."""
 
     ffn_decay: str = "none"
-    """Depth decay s(k) of the feed-forward steps: none | sqrt | harmonic | linear."""
+    """Depth decay s(k) of the feed-forward angles: none | sqrt | harmonic | linear."""
 
     decay_index: str = "sublayer"
     """What k counts: `sublayer` (k = 0..2L-1, attention then FFN of each block) or `block`
@@ -42,8 +69,34 @@ class GeoNormConfig:
     step_init: float = 1.0
     """Initial (or fixed) value of every a_k."""
 
+    learnable_bias: bool = False
+    """A learnable additive angle bias b_k per sublayer (init 0): theta = s(k) (a_k theta_0 + b_k)."""
+
+    theta_base_max: float = math.inf
+    """Clamp of the base angle theta_0 = ||v||/||h|| before the step and decay (exp map only),
+    in radians, > 0; inf: none."""
+
     theta_max: float = math.pi / 2
-    """Largest angle of one geodesic step, in radians, in (0, pi]."""
+    """Largest angle of one geodesic step, after step, bias and decay, in radians, in (0, pi]."""
+
+    def validate(self) -> None:
+        require(self.radius in RADII, "geonorm.radius", self.radius, f"expected one of {RADII}")
+        require(self.update_map in UPDATE_MAPS, "geonorm.update_map", self.update_map,
+                f"expected one of {UPDATE_MAPS}")
+        for key in ("attn_decay", "ffn_decay"):
+            value = getattr(self, key)
+            require(value in DECAY_SCHEDULES, f"geonorm.{key}", value, f"expected one of {DECAY_SCHEDULES}")
+        require(self.decay_index in DECAY_INDICES, "geonorm.decay_index", self.decay_index,
+                f"expected one of {DECAY_INDICES}")
+        require_bool(self, "geonorm", "learnable_step")
+        require_bool(self, "geonorm", "learnable_bias")
+        require(math.isfinite(self.step_init) and self.step_init > 0, "geonorm.step_init",
+                self.step_init, "must be a finite number > 0")
+        require(self.theta_base_max > 0, "geonorm.theta_base_max", self.theta_base_max,
+                "must be > 0 (inf: no clamp)")
+        require(math.isinf(self.theta_base_max) or self.update_map == "exp", "geonorm.theta_base_max",
+                self.theta_base_max, "clamps the exp map's base angle: needs geonorm.update_map = 'exp'")
+        require(0 < self.theta_max <= math.pi, "geonorm.theta_max", self.theta_max, "must be in (0, pi]")
 
 
 @dataclass
@@ -52,3 +105,6 @@ class PeriLNConfig:
 
     embedding_norm: bool = False
     """Normalize the token embeddings before the first block."""
+
+    def validate(self) -> None:
+        require_bool(self, "peri_ln", "embedding_norm")

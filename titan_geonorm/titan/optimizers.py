@@ -4,6 +4,9 @@
 `OptimizersContainer`, so torchtitan's LR schedulers (one LambdaLR per optimizer, scaling every
 param group), checkpointing (flattened DCP optimizer state dicts) and step/zero_grad plumbing work
 unchanged. Any other name is torchtitan's own builder.
+
+Either way, a model part with an `after_optimizer_step()` (`VariantTransformer`: the block
+variant's hook, e.g. re-normalizing weights) has it called after every optimizer step.
 """
 
 import torch.nn as nn
@@ -53,14 +56,53 @@ class ManifoldMuonContainer(OptimizersContainer):
 
 def build_optimizers(model_parts: list[nn.Module], optimizer_config, parallel_dims, ft_manager=None) -> OptimizersContainer:
     """torchtitan `build_optimizers_fn`; `optimizer_config` is the merged `[optimizer]` section."""
-    if optimizer_config.name != "ManifoldMuon":
-        return build_torchtitan_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
+    if optimizer_config.name == "ManifoldMuon":
+        container = _build_manifold_muon(model_parts, optimizer_config, ft_manager)
+    else:
+        container = build_torchtitan_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
+        if not optimizer_config.weight_decay_1d:
+            exempt_1d_from_weight_decay(container)
+    hooks = [part.after_optimizer_step for part in model_parts if hasattr(part, "after_optimizer_step")]
+    if hooks:
+        container.register_step_post_hook(lambda *_: [hook() for hook in hooks])
+    return container
+
+
+def exempt_1d_from_weight_decay(container: OptimizersContainer) -> None:
+    """Give the 1-D and scalar parameters of block-variant parts weight decay 0, in a param group of
+    their own (torchtitan builds one group of every parameter per part, or one optimizer per
+    parameter with `early_step_in_backward`).
+
+    Done before any step, so no optimizer state exists yet; the LR schedulers, built afterwards on
+    each optimizer, scale every group. Parameters are matched by their global shape (DTensors
+    report it), so the split is the same on every rank and world size.
+    """
+    exempt_ids = {
+        id(p)
+        for part in container.model_parts
+        if getattr(part, "block_cls", None) is not None  # torchtitan's own llama3 stays stock
+        for p in part.parameters()
+        if p.ndim < 2
+    }
+    for optimizer in container.optimizers:
+        for group in list(optimizer.param_groups):
+            exempt = [p for p in group["params"] if id(p) in exempt_ids]
+            if not exempt or not group["weight_decay"]:
+                continue
+            kept = [p for p in group["params"] if id(p) not in exempt_ids]
+            if kept:
+                group["params"] = kept
+                optimizer.add_param_group({"params": exempt, "weight_decay": 0.0})
+            else:
+                group["weight_decay"] = 0.0
+
+
+def _build_manifold_muon(model_parts: list[nn.Module], optimizer_config, ft_manager) -> OptimizersContainer:
     if optimizer_config.early_step_in_backward:
         raise ValueError("optimizer.early_step_in_backward is not supported with optimizer.name = 'ManifoldMuon'")
     if ft_manager is not None and ft_manager.enabled:
         raise ValueError("fault_tolerance is not supported with optimizer.name = 'ManifoldMuon'")
     config = optimizer_config.manifold_muon
-    config.validate()
     adamw_kwargs = {
         "lr": optimizer_config.lr,
         "betas": (optimizer_config.beta1, optimizer_config.beta2),

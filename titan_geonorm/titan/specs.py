@@ -10,14 +10,16 @@ from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.models.llama3 import Transformer
 from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
-from torchtitan.protocols.train_spec import TrainSpec, _extra_train_specs, register_train_spec
+from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 
-from titan_geonorm.data import build_dataloader, build_tokenizer, build_validator
-from titan_geonorm.metrics import build_metrics_processor
+from titan_geonorm.data.tokenizer import build_tokenizer
+from titan_geonorm.models.blocks import BLOCKS, BlockVariant
 from titan_geonorm.models.flavors import make_flavors, variant_flavors
 from titan_geonorm.models.model import VariantTransformer
-from titan_geonorm.models.parallelize import parallelize_llama3_titan, parallelize_variant
-from titan_geonorm.optim.builder import build_optimizers
+from titan_geonorm.titan.data import build_dataloader, build_validator
+from titan_geonorm.titan.metrics import build_metrics_processor
+from titan_geonorm.titan.optimizers import build_optimizers
+from titan_geonorm.titan.parallelize import parallelize_llama3_titan, parallelize_variant
 
 
 def make_train_spec(model_cls, model_args: dict, parallelize_fn, state_dict_adapter=None):
@@ -37,13 +39,8 @@ def make_train_spec(model_cls, model_args: dict, parallelize_fn, state_dict_adap
     )
 
 
-# Train spec name -> block variant (titan_geonorm.models.args.BlockVariant).
-VARIANT_SPECS = {
-    "llama3_preln": "pre",
-    "llama3_postln": "post",
-    "llama3_periln": "peri",
-    "llama3_geonorm": "geonorm",
-}
+# Train spec name -> block variant: one spec per block class (`titan_geonorm.models.blocks`).
+VARIANT_SPECS = {cls.spec_name: variant for variant, cls in BLOCKS.items()}
 
 
 def train_specs() -> dict[str, TrainSpec]:
@@ -54,7 +51,7 @@ def train_specs() -> dict[str, TrainSpec]:
     }
     for name, block in VARIANT_SPECS.items():
         # Only Pre-LN has llama3's HF layout, which the adapter's q/k permutation assumes.
-        adapter = Llama3StateDictAdapter if block == "pre" else None
+        adapter = Llama3StateDictAdapter if block == BlockVariant.PRE else None
         specs[name] = make_train_spec(
             VariantTransformer, variant_flavors(block), parallelize_variant, adapter
         )
@@ -62,7 +59,14 @@ def train_specs() -> dict[str, TrainSpec]:
 
 
 def register_all() -> None:
-    """Register every spec once; importing the plugin twice must not raise."""
+    """Register every spec once; registering twice must not raise (torchtitan refuses a name
+    it already holds, and says so with a ValueError only)."""
+    global _registered
+    if _registered:
+        return
     for name, spec in train_specs().items():
-        if name not in _extra_train_specs:
-            register_train_spec(name, spec)
+        register_train_spec(name, spec)
+    _registered = True
+
+
+_registered = False

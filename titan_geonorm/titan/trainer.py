@@ -27,10 +27,7 @@ from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
 from titan_geonorm.diagnostics import build_diagnostics
-
-# Wrapper modules (activation checkpointing, torch.compile) add these to parameter names.
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
-
+from titan_geonorm.optim.routing import clean_name
 
 class DivergenceError(RuntimeError):
     """A step produced a non-finite loss or gradient and `[divergence] action` says stop."""
@@ -46,13 +43,6 @@ class _Finding:
 
 class _SkippedStep(Exception):
     """Raised after the backward of a step that `[divergence] action = "skip"` drops."""
-
-
-def clean_name(name: str) -> str:
-    """Parameter name as the user writes it in configs: without wrapper-module segments."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

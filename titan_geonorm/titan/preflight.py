@@ -1,12 +1,14 @@
 """Checks run on the parsed JobConfig before any process group, model or data is built.
 
 Each failed check raises `ConfigError` naming the TOML key (or file path) at fault, so a bad
-config costs seconds, not a queue slot on many nodes.
+config costs seconds, not a queue slot on many nodes. Every plugin section checks its own values
+(`validate()`, called once here by `check_sections`); this module holds the type check of every
+key and the checks that span sections (parallelism x variant x optimizer x torch version), each
+once.
 """
 
 import copy
 import dataclasses
-import math
 import os
 import types
 import typing
@@ -14,9 +16,8 @@ import typing
 import torch
 from torchtitan.protocols.train_spec import get_train_spec
 
-
-class ConfigError(ValueError):
-    pass
+from titan_geonorm.checks import ConfigError, require
+from titan_geonorm.optim.config import ManifoldMuonConfig
 
 
 OPTIMIZERS = ("Adam", "AdamW", "ManifoldMuon")
@@ -112,12 +113,12 @@ def check_seed_checkpoint(job_config) -> None:
 
 
 def run_preflight(job_config) -> None:
-    from titan_geonorm.data import validate_data_config
+    from titan_geonorm.data.datasets import validate_data_config
 
     check_types(job_config)
     check_model(job_config)
     check_ranges(job_config)
-    check_plugin_keys(job_config)
+    check_sections(job_config)
     check_parallelism(job_config)
     check_combinations(job_config)
     check_seed_checkpoint(job_config)
@@ -181,63 +182,59 @@ def check_types(job_config, prefix: str = "") -> None:
             _check_value(key, value, f.type)
 
 
-def _require(condition: bool, key: str, value, requirement: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key} = {value!r}: {requirement}")
-
-
 def check_ranges(job_config) -> None:
     """Ranges of the numeric keys torchtitan would otherwise trip over mid-build (or never)."""
     t, o, s = job_config.training, job_config.optimizer, job_config.lr_scheduler
     for key, value in (("training.steps", t.steps), ("training.local_batch_size", t.local_batch_size),
                        ("training.seq_len", t.seq_len), ("metrics.log_freq", job_config.metrics.log_freq)):
-        _require(value >= 1, key, value, "must be >= 1")
-    _require(t.global_batch_size == -1 or t.global_batch_size >= 1, "training.global_batch_size",
+        require(value >= 1, key, value, "must be >= 1")
+    require(t.global_batch_size == -1 or t.global_batch_size >= 1, "training.global_batch_size",
              t.global_batch_size, "must be -1 (local_batch_size x data-parallel degree) or >= 1")
-    _require(t.max_norm > 0, "training.max_norm", t.max_norm, "must be > 0")
-    _require(o.lr >= 0, "optimizer.lr", o.lr, "must be >= 0")
-    _require(o.eps > 0, "optimizer.eps", o.eps, "must be > 0")
-    _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
+    require(t.max_norm > 0, "training.max_norm", t.max_norm, "must be > 0")
+    require(o.lr >= 0, "optimizer.lr", o.lr, "must be >= 0")
+    require(o.eps > 0, "optimizer.eps", o.eps, "must be > 0")
+    require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
     for key in ("beta1", "beta2"):
         value = getattr(o, key)
-        _require(0 <= value < 1, f"optimizer.{key}", value, "must be in [0, 1)")
-    _require(o.name in OPTIMIZERS, "optimizer.name", o.name, f"expected one of {OPTIMIZERS}")
-    _require(s.warmup_steps >= 0, "lr_scheduler.warmup_steps", s.warmup_steps, "must be >= 0")
-    _require(0 <= s.min_lr_factor <= 1, "lr_scheduler.min_lr_factor", s.min_lr_factor,
+        require(0 <= value < 1, f"optimizer.{key}", value, "must be in [0, 1)")
+    require(o.name in OPTIMIZERS, "optimizer.name", o.name, f"expected one of {OPTIMIZERS}")
+    require(s.warmup_steps >= 0, "lr_scheduler.warmup_steps", s.warmup_steps, "must be >= 0")
+    require(0 <= s.min_lr_factor <= 1, "lr_scheduler.min_lr_factor", s.min_lr_factor,
              "must be in [0, 1]")
-    _require(s.decay_ratio is None or 0 <= s.decay_ratio <= 1, "lr_scheduler.decay_ratio",
+    require(s.decay_ratio is None or 0 <= s.decay_ratio <= 1, "lr_scheduler.decay_ratio",
              s.decay_ratio, "must be in [0, 1] or unset")
     c = job_config.checkpoint
     if c.enable:
-        _require(c.interval >= 1, "checkpoint.interval", c.interval, "must be >= 1")
-        _require(c.keep_latest_k == 0 or c.keep_latest_k >= 2, "checkpoint.keep_latest_k",
+        require(c.interval >= 1, "checkpoint.interval", c.interval, "must be >= 1")
+        require(c.keep_latest_k == 0 or c.keep_latest_k >= 2, "checkpoint.keep_latest_k",
                  c.keep_latest_k, "must be 0 (keep all) or >= 2 (the newest may be mid-save)")
     v = job_config.validation
     if v.enable:
-        _require(v.freq >= 1, "validation.freq", v.freq, "must be >= 1")
-        _require(v.steps == -1 or v.steps >= 1, "validation.steps", v.steps, "must be -1 or >= 1")
+        require(v.freq >= 1, "validation.freq", v.freq, "must be >= 1")
+        require(v.steps == -1 or v.steps >= 1, "validation.steps", v.steps, "must be -1 or >= 1")
 
 
-def check_plugin_keys(job_config) -> None:
-    """Ranges and choices of the plugin's own sections."""
-    from titan_geonorm.geonorm import DECAY_SCHEDULES
-    from titan_geonorm.models.args import DECAY_INDICES
-    from titan_geonorm.norms import NORM_TYPES
+def plugin_sections(job_config) -> list[tuple[object, type]]:
+    """(section value, its plugin class) for every plugin section with a `validate()`.
 
-    m, g = job_config.model, job_config.geonorm
-    _require(m.norm_type in NORM_TYPES, "model.norm_type", m.norm_type, f"expected one of {NORM_TYPES}")
-    for key in ("attn_decay", "ffn_decay"):
-        value = getattr(g, key)
-        _require(value in DECAY_SCHEDULES, f"geonorm.{key}", value, f"expected one of {DECAY_SCHEDULES}")
-    _require(g.decay_index in DECAY_INDICES, "geonorm.decay_index", g.decay_index,
-             f"expected one of {DECAY_INDICES}")
-    _require(0 < g.theta_max <= math.pi, "geonorm.theta_max", g.theta_max, "must be in (0, pi]")
-    _require(math.isfinite(g.step_init) and g.step_init > 0, "geonorm.step_init", g.step_init,
-             "must be a finite number > 0")
-    sections = (job_config.divergence, job_config.diagnostics, job_config.optimizer.manifold_muon)
-    for section in sections:
+    torchtitan merges `[model]`, `[training]`, ... with the plugin's fields into new dataclasses
+    that keep the fields but not the methods, so each class's `validate` is applied to the merged
+    section as a plain function.
+    """
+    from titan_geonorm.config import JobConfig
+
+    pairs = [(getattr(job_config, f.name), f.type) for f in dataclasses.fields(JobConfig)]
+    pairs.append((job_config.optimizer.manifold_muon, ManifoldMuonConfig))
+    return [(value, cls) for value, cls in pairs if hasattr(cls, "validate")]
+
+
+def check_sections(job_config) -> None:
+    """Every plugin section's own checks, once each."""
+    for value, cls in plugin_sections(job_config):
         try:
-            section.validate()
+            cls.validate(value)
+        except ConfigError:
+            raise
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -299,16 +296,30 @@ def _check_pipeline(job_config) -> None:
             "supported: use FSDP/TP, or AdamW with pipeline parallelism"
         )
     stages = job_config.parallelism.module_fqns_per_model_part
-    if job_config.model.name == "llama3_periln" and job_config.peri_ln.embedding_norm and not any(
+    if _has_embedding_norm(job_config) and not any(
         "tok_embeddings" in stage and "emb_norm" in stage for stage in stages or []
     ):
         # torchtitan's default stage split lists tok_embeddings/layers/norm/output only and
         # sets every other top-level module to None: the embedding norm would silently vanish.
         raise ConfigError(
-            f"peri_ln.embedding_norm = true with parallelism.pipeline_parallel_degree = {pp}: list "
+            f"model.name = {job_config.model.name!r} has an embedding norm (emb_norm) with "
+            f"parallelism.pipeline_parallel_degree = {pp}: list "
             '"emb_norm" after "tok_embeddings" in parallelism.module_fqns_per_model_part (the default '
             "stage split drops it)"
         )
+
+
+def _meta_model(job_config):
+    """The configured model on the meta device: structure only, no memory or compute."""
+    spec = get_train_spec(job_config.model.name)
+    args = copy.deepcopy(spec.model_args[job_config.model.flavor])
+    args.update_from_config(job_config)
+    with torch.device("meta"):
+        return spec.model_cls(args)
+
+
+def _has_embedding_norm(job_config) -> bool:
+    return getattr(_meta_model(job_config), "emb_norm", None) is not None
 
 
 def check_geometry_routing(job_config) -> None:
@@ -318,11 +329,7 @@ def check_geometry_routing(job_config) -> None:
         return
     from titan_geonorm.optim.routing import assign_geometries
 
-    spec = get_train_spec(job_config.model.name)
-    args = copy.deepcopy(spec.model_args[job_config.model.flavor])
-    args.update_from_config(job_config)
-    with torch.device("meta"):
-        model = spec.model_cls(args)
+    model = _meta_model(job_config)
     mm = job_config.optimizer.manifold_muon
     try:
         assign_geometries(model.named_parameters(), mm.preset, mm.rules)

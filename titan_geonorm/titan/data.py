@@ -1,4 +1,9 @@
-"""Validation on the held-out split, through torchtitan's Validator.
+"""The plugin's torchtitan data builders: the training loader and the held-out validator.
+
+`build_dataloader` is `TrainSpec.build_dataloader_fn` over the plugin's text sources
+(`titan_geonorm.data`).
+
+Validation on the held-out split goes through torchtitan's Validator.
 
 torchtitan 0.2.2's `Validator` builds its loader with `build_text_validation_dataloader` (its own
 dataset registry); this subclass gives it the plugin's loader over the held-out documents instead
@@ -11,6 +16,7 @@ from contextlib import AbstractContextManager
 
 import torch.nn as nn
 from torch.distributed.pipelining.schedules import _PipelineSchedule
+from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.loss import LossFunction
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.tokenizer import BaseTokenizer
@@ -20,6 +26,19 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 
 from titan_geonorm.data.datasets import build_text_dataloader
+
+
+def build_dataloader(
+    dp_world_size: int,
+    dp_rank: int,
+    tokenizer: BaseTokenizer,
+    job_config: JobConfig,
+    infinite: bool = True,
+) -> ParallelAwareDataloader:
+    """The training loader; same signature as torchtitan's `build_text_dataloader`."""
+    return build_text_dataloader(
+        dp_world_size, dp_rank, tokenizer, job_config, infinite=infinite, split="train"
+    )
 
 
 class HeldOutValidator(Validator):

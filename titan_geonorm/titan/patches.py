@@ -1,0 +1,241 @@
+"""Every runtime change the plugin makes to torchtitan 0.2.2 or torch, one named function each.
+
+Each function's upstream-ready fix lives in `patches/` (listed in patches/README.md) and has a test
+that shows the failure it prevents. Nothing here runs at import; callers apply them:
+
+- CPU-only hosts (`apply_cpu_patches`, by the launcher before torchtitan's first import):
+  `patch_device_type` (0001), `patch_cpu_memory_stats` (0002), `patch_gloo_barrier` (0003).
+- Every run (`apply_run_patches`, by the launcher): `patch_purge_counts_complete_checkpoints` (0006).
+- Per model, from the parallelize functions: `force_sum_reduction_on_gloo` (0004),
+  `sum_gradients_under_ddp` (0005), `init_shards_like_one_process` (gloo only; no upstream patch:
+  a CPU-development workaround).
+
+`patch_device_type` must run before the first import of torchtitan: `torchtitan.tools.utils`
+computes the device type at import time and other modules copy it by name.
+"""
+
+import logging
+import os
+import platform
+import re
+import sys
+import types
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from titan_geonorm.optim.routing import clean_name
+
+logger = logging.getLogger(__name__)
+
+_cpu_patches_applied = False
+
+
+def patch_device_type() -> None:
+    """Make torchtitan pick device type "cpu" instead of its fallback "cuda".
+
+    torchtitan's `get_device_info()` is `_get_available_device_type() or "cuda"`; torch returns
+    None on a CPU-only machine, so meshes and tensors would be created on "cuda" and fail.
+    """
+    import torch._utils
+
+    torch._utils._get_available_device_type = lambda: "cpu"
+
+
+def patch_cpu_memory_stats() -> None:
+    """Give `torch.cpu` the CUDA memory-stat functions torchtitan's DeviceMemoryMonitor calls.
+
+    The CPU allocator keeps no statistics; the process's peak resident set size stands in for
+    both peak active and peak reserved memory (it cannot be reset), and capacity is the
+    machine's physical memory.
+    """
+    import resource
+
+    def memory_stats(device=None) -> dict:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        return {"active_bytes.all.peak": peak, "reserved_bytes.all.peak": peak}
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    props = types.SimpleNamespace(total_memory=total, name=platform.processor() or "cpu")
+    defaults = {
+        "get_device_name": lambda device=None: props.name,
+        "get_device_properties": lambda device=None: props,
+        "memory_stats": memory_stats,
+        "reset_peak_memory_stats": lambda device=None: None,
+        "empty_cache": lambda: None,
+    }
+    for name, fn in defaults.items():
+        if not hasattr(torch.cpu, name):
+            setattr(torch.cpu, name, fn)
+
+
+def patch_gloo_barrier() -> None:
+    """Drop `device_ids` from `dist.barrier` when the group's backend is gloo.
+
+    torchtitan calls `barrier(device_ids=[device_module.current_device()])` after step 1 (before
+    shortening the process-group timeouts). `torch.cpu.current_device()` is the string "cpu",
+    which BarrierOptions rejects with a TypeError; gloo (and the fake backend of dry runs)
+    ignores device ids anyway.
+    """
+    original = dist.barrier
+    if getattr(original, "_titan_geonorm_patched", False):
+        return
+
+    def barrier(group=None, async_op=False, device_ids=None):
+        if device_ids is not None and dist.get_backend(group) in ("gloo", "fake"):
+            device_ids = None
+        return original(group=group, async_op=async_op, device_ids=device_ids)
+
+    barrier._titan_geonorm_patched = True
+    barrier.__wrapped__ = original
+    dist.barrier = barrier
+
+
+def apply_cpu_patches() -> bool:
+    """Apply every CPU patch if no accelerator is present; return whether they were applied."""
+    global _cpu_patches_applied
+    if _cpu_patches_applied:
+        return True
+    if torch.accelerator.is_available():
+        return False
+    if "torchtitan.tools.utils" in sys.modules:
+        from torchtitan.tools import utils
+
+        if utils.device_type != "cpu":
+            raise RuntimeError(
+                "torchtitan was imported before titan_geonorm could select the CPU device. "
+                "On a machine without an accelerator launch with `python -m titan_geonorm.train` "
+                "(or call titan_geonorm.titan.patches.apply_cpu_patches() before importing torchtitan)."
+            )
+    patch_device_type()
+    patch_cpu_memory_stats()
+    patch_gloo_barrier()
+    _cpu_patches_applied = True
+    logger.info("No accelerator found: applied titan_geonorm CPU patches (device type cpu, gloo).")
+    return True
+
+
+# Checkpoint retention (0006).
+#
+# torchtitan 0.2.2 loads the newest `step-N` folder that has its DCP `.metadata` (written last), so
+# a save killed mid-write is skipped on restart. Its purge, though, counts every `step-N` folder: a
+# partial folder left by the crash takes one of the `keep_latest_k` places, and after a resume with a
+# different interval (or a second crash) fewer complete checkpoints survive than were asked for,
+# while the partial folder itself stays forever once it is among the newest. Here, `keep_latest_k`
+# keeps that many *complete* checkpoints; partial folders older than the newest complete one
+# (unloadable leftovers) are deleted; newer ones (an async save still being written) are kept.
+
+_PATCHED = "_titan_geonorm_complete_only"
+
+
+def is_complete(path: str) -> bool:
+    """The markers torchtitan's `_find_load_step` loads by: DCP metadata or an HF index."""
+    return os.path.isfile(os.path.join(path, ".metadata")) or os.path.isfile(
+        os.path.join(path, "model.safetensors.index.json")
+    )
+
+
+def stale_checkpoints(folder: str, keep_latest_k: int) -> list[str]:
+    """`step-N` folders to delete so that the newest `keep_latest_k` complete ones remain."""
+    found = []
+    for name in os.listdir(folder):
+        match = re.search(r"step-(\d+)", name)
+        if match:
+            path = os.path.join(folder, name)
+            found.append((int(match.group(1)), path, is_complete(path)))
+    found.sort()
+    complete = [step for step, _, done in found if done]
+    if not complete:
+        return []
+    oldest_kept = complete[-min(keep_latest_k, len(complete))]
+    return [path for step, path, done in found if step < (oldest_kept if done else complete[-1])]
+
+
+def patch_purge_counts_complete_checkpoints() -> None:
+    """Replace `CheckpointManager._purge_stale_checkpoints` by one built on `stale_checkpoints`
+    (same guards: `keep_latest_k > 0`, rank 0, folder present, fault-tolerance participant 0)."""
+    from torchtitan.components.checkpoint import CheckpointManager
+
+    if getattr(CheckpointManager._purge_stale_checkpoints, _PATCHED, False):
+        return
+
+    def _purge_stale_checkpoints(self) -> None:
+        if not (self.keep_latest_k > 0 and dist.get_rank() == 0 and os.path.isdir(self.folder)):
+            return
+        if self.enable_ft_dataloader_checkpoints and not (
+            self.ft_manager and self.ft_manager.participating_rank() == 0
+        ):
+            return
+        for path in stale_checkpoints(self.folder, self.keep_latest_k):
+            self.purge_queue.put(path)
+
+    setattr(_purge_stale_checkpoints, _PATCHED, True)
+    CheckpointManager._purge_stale_checkpoints = _purge_stale_checkpoints
+
+
+def force_sum_reduction_on_gloo(model: nn.Module) -> None:
+    """Make FSDP2 reduce with SUM when the default process group is gloo."""
+    if not dist.is_initialized() or dist.get_backend() != "gloo":
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def allreduce_sum_hook(process_group, bucket) -> torch.futures.Future[torch.Tensor]:
+    work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def sum_gradients_under_ddp(model: nn.Module, parallel_dims) -> None:
+    """Replace DDP's averaging gradient all-reduce by a sum (loss is already globally scaled)."""
+    if parallel_dims.dp_replicate_enabled and not parallel_dims.fsdp_enabled:
+        model.register_comm_hook(None, allreduce_sum_hook)
+
+
+def init_shards_like_one_process(model: nn.Module, model_cls: type[nn.Module]) -> None:
+    """On gloo, make `model.init_weights` give every rank its slice of one full initialization.
+
+    DTensor's random ops only support CUDA-like devices: on CPU each rank fills its local shards
+    from its own generator, and since every process starts from the same default seed, all
+    ranks draw the same values (TP weights come out rank-deficient, FSDP shards repeat). Here
+    every rank initializes a full unsharded copy from rank 0's generator state and keeps its own
+    slice (`distribute_tensor(..., src_data_rank=None)` slices locally, no communication), so a
+    multi-rank run starts from exactly the weights of a one-process run. Costs one full model
+    per rank, which is only acceptable because gloo means a CPU development run.
+    """
+    if not dist.is_initialized() or dist.get_backend() != "gloo" or dist.get_world_size() == 1:
+        return
+    init_sharded = model.init_weights
+
+    def init_weights(*args, **kwargs):
+        # The generator state a one-process run would init from: taken before the sharded init
+        # (which draws less), and rank 0's so that every rank builds the same full copy.
+        rng = torch.get_rng_state()
+        init_sharded(*args, **kwargs)
+        dist.broadcast(rng, src=0)
+        torch.set_rng_state(rng)
+        with torch.device("meta"):  # as torchtitan builds it: no default-init draws
+            full = model_cls(model.model_args)
+        full.to_empty(device="cpu")
+        full.init_weights()
+        reference = full.state_dict()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                value = reference[clean_name(name)].to(param.dtype)
+                if isinstance(param, DTensor):
+                    value = distribute_tensor(
+                        value, param.device_mesh, param.placements, src_data_rank=None
+                    ).to_local()
+                    param = param.to_local()
+                param.copy_(value)
+
+    model.init_weights = init_weights
+
+
+def apply_run_patches() -> None:
+    """Patches every run needs, accelerator or not (the launcher calls this once)."""
+    patch_purge_counts_complete_checkpoints()
