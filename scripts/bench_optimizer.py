@@ -1,13 +1,19 @@
-"""Benchmark the optimizer step: AdamW vs Muon vs Stiefel vs DGram on the same llama3 model.
+"""Benchmark the optimizer step: AdamW vs Muon vs Stiefel vs DGram.
 
-Reports, at world 1 (plain tensors) and world 2 (FSDP2 on gloo, or NCCL on GPUs):
-- optimizer step time (median over measured steps, max over ranks) and its ratio to Muon;
-- per-rank orthogonalization time (owner-side compute; wall and, on CPU, thread CPU time, which
-  stays meaningful when other processes share the cores) and its world-2 / world-1 ratio;
-- dual iterations run and tangent-violation RMS reached (max over matrices);
-- time per dual iteration vs one Muon orthogonalization, on the model's largest matrices.
+Per matrix shape (`--shapes`, and the Llama-3 8B layer shapes with `--llama8b`), one geometry step
+on a batch of random matrices (W on its manifold, G Gaussian), for each solver:
+- x Muon: CPU time (this thread) of the whole step over one 5-step Muon msign of the same G;
+- objective: `<G, A> / ||A||_2` as a fraction of the float64 optimum (Stiefel: `||C||_* / 2`
+  exactly; DGram: the smallest value of the dual `||G + 2 W Off(Lambda)||_*`, an upper bound of
+  the optimum, over float64 dual ascent with exact polar factors, so the fraction is a lower
+  bound); not computed for the 8B shapes;
+- `||A||_2` and the tangent violation `RMS(P(W^T A + A^T W) sqrt(M))`.
 
-    python scripts/bench_optimizer.py [--dim 128 --layers 2 --steps 3] [--json out.json]
+Whole-model arms (`--model`), at world 1 (plain tensors) and world 2 (FSDP2 on gloo, or NCCL on
+GPUs): optimizer step time and its ratio to Muon, per-rank orthogonalization time (thread CPU time
+stays meaningful when other processes share the cores), dual iterations, tangent violation.
+
+    python scripts/bench_optimizer.py --shapes 256x256,1024x256 [--llama8b] [--model] [--json out.json]
 """
 
 import titan_geonorm  # noqa: F401  (CPU patches must precede torchtitan's import)
@@ -25,17 +31,37 @@ import torch.nn.functional as F
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 
 from titan_geonorm.optim.config import ManifoldMuonConfig
-from titan_geonorm.optim.geometries import DualSettings, MsignSettings, muon_update, project_stiefel, stiefel_step
+from titan_geonorm.optim.geometries import (
+    GEOMETRIES,
+    DualSettings,
+    StepSettings,
+    dgram_direction,
+    dgram_metric,
+    muon_update,
+    off_diagonal,
+    project_dgram,
+    project_stiefel,
+    stiefel_direction,
+    tangent_violation,
+)
 from titan_geonorm.optim.manifold_muon import ManifoldMuon
 
-PRESETS = {"muon": "muon", "stiefel": "all_stiefel", "dgram": "all_dgram"}
+LLAMA3_8B = {"wq/wo": (4096, 4096), "wk/wv": (1024, 4096), "w1/w3": (14336, 4096), "w2": (4096, 14336)}
+# Per layer: how many of each, and their geometry under `hetero`.
+LLAMA3_8B_HETERO = {
+    "wq/wo": (2, "stiefel"), "wk/wv": (2, "stiefel"), "w1/w3": (2, "dgram"), "w2": (1, "dgram")
+}
 
 
-def arms(args) -> list[tuple[str, str, int]]:
-    """(label, geometry, dual steps K): AdamW, Muon, then Stiefel and DGram at every K asked."""
-    out = [("adamw", "adamw", 0), ("muon", "muon", 0)]
+def arms(args) -> list[tuple[str, str, dict]]:
+    """(label, preset, config overrides): AdamW, Muon, the default solvers, then the dual ascent at
+    every K asked."""
+    out = [("adamw", "adamw", {}), ("muon", "muon", {}), ("stiefel", "all_stiefel", {}),
+           ("dgram", "all_dgram", {}), ("hetero", "hetero", {})]
+    dual = {"stiefel_solver": "dual_ascent", "dgram_solver": "dual_ascent"}
     for geometry in ("stiefel", "dgram"):
-        out += [(f"{geometry} K={k}", geometry, k) for k in args.dual_steps]
+        out += [(f"{geometry} K={k}", f"all_{geometry}", dual | {"dual_steps": k})
+                for k in args.dual_steps]
     return out
 
 
@@ -50,7 +76,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def build(args, geometry: str, dual_steps: int, device: torch.device):
+def build(args, preset: str, overrides: dict, device: torch.device):
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(model_args(args))
@@ -68,17 +94,16 @@ def build(args, geometry: str, dual_steps: int, device: torch.device):
             for module in model.modules():
                 if isinstance(module, FSDPModule):
                     module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
-    if geometry == "adamw":
+    if preset == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=device.type == "cuda")
     else:
-        config = ManifoldMuonConfig(preset=PRESETS[geometry], dual_steps=max(dual_steps, 1))
-        opt = ManifoldMuon(model.named_parameters(), config)
+        opt = ManifoldMuon(model.named_parameters(), ManifoldMuonConfig(preset=preset, **overrides))
         opt.project_()
     return model, opt
 
 
-def measure(args, geometry: str, dual_steps: int, device: torch.device) -> dict:
-    model, opt = build(args, geometry, dual_steps, device)
+def measure(args, preset: str, overrides: dict, device: torch.device) -> dict:
+    model, opt = build(args, preset, overrides, device)
     gen = torch.Generator().manual_seed(0)
     times, orth, orth_cpu, iters, viol = [], [], [], [], []
     for step in range(args.warmup + args.steps):
@@ -117,7 +142,7 @@ def reduce_max(result: dict, device: torch.device) -> dict:
 
 def run_arms(args, device: torch.device) -> dict:
     torch.set_num_threads(args.threads)
-    return {label: reduce_max(measure(args, geo, k, device), device) for label, geo, k in arms(args)}
+    return {label: reduce_max(measure(args, preset, kw, device), device) for label, preset, kw in arms(args)}
 
 
 def _worker(rank: int, world: int, port: int, args, out: str) -> None:
@@ -149,59 +174,121 @@ def run_world2(args) -> dict:
     return result
 
 
-def time_call(fn, device: torch.device, repeats: int = 3) -> float:
-    fn()
+def cpu_time(fn, device: torch.device, repeats: int) -> float:
+    """Seconds of this thread's CPU time per call (wall time on GPU), after one warm-up call when
+    `repeats` > 1."""
+    if repeats > 1:
+        fn()
     sync(device)
-    start = time.perf_counter()
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
+    start = clock()
     for _ in range(repeats):
         fn()
     sync(device)
-    return (time.perf_counter() - start) / repeats
+    return (clock() - start) / repeats
 
 
-def dual_iteration_cost(args, device: torch.device) -> dict:
-    """Seconds per dual iteration vs one Muon msign, on a batch shaped like the MLP weights."""
-    torch.set_num_threads(args.threads)
-    hidden = Transformer(model_args(args)).layers["0"].feed_forward.w1.weight.shape[0]
+def _polar64(x: torch.Tensor) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return u @ vh
+
+
+def optimum(w: torch.Tensor, g: torch.Tensor, geometry: str, iterations: int) -> torch.Tensor:
+    """Per-matrix float64 optimum of `max <G, A>, ||A|| <= 1, A tangent` (tall inputs)."""
+    w, g = w.double(), g.double()
+    if geometry == "stiefel":
+        x = g @ w.mT
+        return 0.5 * torch.linalg.svdvals(x - x.mT).sum(-1)
+    # DGram: the dual is an upper bound for every Lambda; take the best over a long dual ascent.
+    metric = dgram_metric(w)
+    scale = 1 / torch.linalg.matrix_norm(g, keepdim=True)
+    wtg = w.mT @ g * scale
+    lam = -0.25 * off_diagonal(wtg + wtg.mT) * metric
+    best = torch.full((w.size(0),), float("inf"), dtype=torch.float64)
+    for k in range(iterations):
+        x = g * scale + 2 * w @ lam
+        best = torch.minimum(best, torch.linalg.svdvals(x).sum(-1) / scale.flatten())
+        a = _polar64(x)
+        lam = lam - 0.1 * (1 - k / iterations) * off_diagonal(w.mT @ a + a.mT @ w) * metric
+    return best
+
+
+SOLVERS = {
+    "stiefel": [("closed_form", {}), ("dual K=20", {"stiefel_solver": "dual_ascent"})],
+    "dgram": [("stiefel_repair", {}), ("dual K=20", {"dgram_solver": "dual_ascent"})],
+}
+
+
+def shape_rows(shape: tuple[int, int], batch: int, device: torch.device, exact: bool, args) -> list[dict]:
+    """One step per geometry and solver on `batch` random `shape` matrices; see the module doc."""
     torch.manual_seed(0)
-    w = project_stiefel(torch.randn(args.layers, hidden, args.dim, device=device))
-    g = torch.randn_like(w)
-    orth = MsignSettings(steps=ManifoldMuonConfig().msign_steps)
-    muon = time_call(lambda: muon_update(g, "original", orth), device)
-    k1 = time_call(lambda: stiefel_step(w, g, 0.02, settings=DualSettings(steps=1, tol=0.0), orth=orth), device)
-    k11 = time_call(lambda: stiefel_step(w, g, 0.02, settings=DualSettings(steps=11, tol=0.0), orth=orth), device)
-    per_iter = (k11 - k1) / 10
-    return {"shape": [args.layers, hidden, args.dim], "muon_msign_s": muon, "dual_iteration_s": per_iter,
-            "dual_iteration_over_muon": per_iter / muon}
+    g = torch.randn(batch, *shape, device=device)
+    muon = cpu_time(lambda: muon_update(g), device, args.repeats)
+    rows = []
+    for geometry, solvers in SOLVERS.items():
+        init = project_stiefel if geometry == "stiefel" else project_dgram
+        w = init(torch.randn(batch, *shape, device=device))
+        tall = shape[0] < shape[1]
+        w_t, g_t = (w.mT, g.mT) if tall else (w, g)
+        best = optimum(w_t.cpu(), g_t.cpu(), geometry, args.dual_reference) if exact else None
+        for label, overrides in solvers:
+            config = ManifoldMuonConfig(preset="hetero", **overrides).resolved()
+            settings = StepSettings(
+                stiefel_solver=config.stiefel_solver, dgram_solver=config.dgram_solver,
+                dual=DualSettings(steps=config.dual_steps, tol=config.dual_tol),
+            )
+            step = GEOMETRIES[geometry].step
+            seconds = cpu_time(lambda: step(w, g, 0.02, None, settings), device, args.repeats)
+            direction = stiefel_direction if geometry == "stiefel" else dgram_direction
+            a = direction(w_t, g_t, None, settings).update
+            row = {"shape": list(shape), "geometry": geometry, "solver": label, "muon_s": muon,
+                   "step_s": seconds, "x_muon": seconds / muon,
+                   "violation": tangent_violation(w_t, a, geometry).max().item()}
+            if exact:
+                norm = torch.linalg.matrix_norm(a.double().cpu(), ord=2)
+                value = (g_t.double().cpu() * a.double().cpu()).sum((-2, -1)) / norm
+                row |= {"objective": (value / best).min().item(), "norm_a": norm.max().item()}
+            rows.append(row)
+    return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--dual-steps", type=lambda v: [int(k) for k in v.split(",")], default=[5, 20],
-                        help="comma-separated dual-ascent K values for the Stiefel and DGram arms")
-    parser.add_argument("--worlds", default="1,2", help="1, 2 or 1,2 (world 2: FSDP2 on 2 processes)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if cuda else "cpu")
-    worlds = [f"world{w}" for w in args.worlds.split(",")]
-    results = {}
-    if "world1" in worlds:
-        results["world1"] = run_arms(args, device)
-    if "world2" in worlds:
-        results["world2"] = run_world2(args)
-    results["dual"] = dual_iteration_cost(args, device)
-    results["config"] = vars(args) | {"device": str(device), "torch": torch.__version__, "cpus": os.cpu_count()}
+def print_shape_rows(rows: list[dict]) -> None:
+    print(f"{'shape':>12} {'geometry':8} {'solver':15} {'x Muon':>7} {'objective':>9} {'||A||':>7} "
+          f"{'violation':>9}")
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        objective = f"{r['objective']:9.4f}" if "objective" in r else f"{'-':>9}"
+        norm = f"{r['norm_a']:7.4f}" if "norm_a" in r else f"{'-':>7}"
+        print(f"{shape:>12} {r['geometry']:8} {r['solver']:15} {r['x_muon']:7.2f} {objective} {norm} "
+              f"{r['violation']:9.1e}")
 
+
+def llama8b_rows(device: torch.device, args) -> dict:
+    """One step of each 8B layer matrix kind (batch 1, default solvers only) and the `hetero` layer
+    total: sum of step times over sum of Muon times, weighted by the count per layer."""
+    rows, step_total, muon_total = [], 0.0, 0.0
+    for name, shape in LLAMA3_8B.items():
+        count, geometry = LLAMA3_8B_HETERO[name]
+        torch.manual_seed(0)
+        g = torch.randn(1, *shape, device=device)
+        muon = cpu_time(lambda: muon_update(g), device, 1)
+        init = project_stiefel if geometry == "stiefel" else project_dgram
+        w = init(torch.randn(1, *shape, device=device))
+        result = {}
+        step = GEOMETRIES[geometry].step
+        seconds = cpu_time(lambda: result.update(r=step(w, g, 0.02, None, StepSettings())), device, 1)
+        rows.append({"matrix": name, "shape": list(shape), "geometry": geometry, "muon_s": muon,
+                     "step_s": seconds, "x_muon": seconds / muon,
+                     "violation": result["r"].violation.max().item()})
+        step_total += count * seconds
+        muon_total += count * muon
+        print(f"8B {name:6} {shape} {geometry}: {seconds:.1f} s = {seconds / muon:.2f}x Muon "
+              f"({muon:.1f} s), violation {rows[-1]['violation']:.1e}", flush=True)
+    print(f"8B hetero layer: {step_total / muon_total:.2f}x Muon")
+    return {"matrices": rows, "hetero_x_muon": step_total / muon_total}
+
+
+def print_model_rows(results: dict, worlds: list[str], args) -> None:
     print(f"{'arm':12} {'world':>5} {'step ms':>9} {'/muon':>7} {'orth ms/rank':>13} {'orth cpu ms':>12} "
           f"{'w2/w1 cpu':>10} {'dual it':>8} {'tangent RMS':>12}")
     for world in worlds:
@@ -211,10 +298,58 @@ def main() -> None:
             w1 = results.get("world1", {}).get(arm, {}).get("orth_cpu_s", 0.0)
             scaling = f"{r['orth_cpu_s'] / w1:10.2f}" if world == "world2" and w1 > 0 else f"{'':10}"
             print(f"{arm:12} {world[-1]:>5} {1e3 * r['step_s']:9.1f} {ratio:7.2f} {1e3 * r['orth_s']:13.1f} "
-                  f"{1e3 * r['orth_cpu_s']:12.1f} {scaling} {int(r['dual_iterations']):8d} {r['tangent_violation']:12.2e}")
-    d = results["dual"]
-    print(f"dual iteration on {d['shape']}: {1e3 * d['dual_iteration_s']:.2f} ms = "
-          f"{d['dual_iteration_over_muon']:.2f}x one Muon msign ({1e3 * d['muon_msign_s']:.2f} ms)")
+                  f"{1e3 * r['orth_cpu_s']:12.1f} {scaling} {int(r['dual_iterations']):8d} "
+                  f"{r['tangent_violation']:12.2e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", default="256x256,1024x256,512x256,768x256",
+                        help="comma-separated out x in shapes for the per-shape table ('' for none)")
+    parser.add_argument("--shape-batch", type=int, default=2, help="matrices per shape")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per shape and solver")
+    parser.add_argument("--dual-reference", type=int, default=300,
+                        help="float64 dual-ascent iterations of the DGram reference optimum")
+    parser.add_argument("--llama8b", action="store_true",
+                        help="one step of each Llama-3 8B layer shape (slow)")
+    parser.add_argument("--model", action="store_true", help="whole-model arms at --worlds")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--dual-steps", type=lambda v: [int(k) for k in v.split(",")], default=[20],
+                        help="comma-separated dual-ascent K values for the Stiefel and DGram model arms")
+    parser.add_argument("--worlds", default="1,2", help="1, 2 or 1,2 (world 2: FSDP2 on 2 processes)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.set_num_threads(args.threads)
+    environment = {"device": str(device), "torch": torch.__version__, "cpus": os.cpu_count()}
+    results = {"config": vars(args) | environment}
+    if args.shapes:
+        rows = []
+        for spec in args.shapes.split(","):
+            shape = tuple(int(x) for x in spec.split("x"))
+            rows += shape_rows(shape, args.shape_batch, device, True, args)
+        print_shape_rows(rows)
+        results["shapes"] = rows
+    if args.llama8b:
+        results["llama8b"] = llama8b_rows(device, args)
+    if args.model:
+        worlds = [f"world{w}" for w in args.worlds.split(",")]
+        if "world1" in worlds:
+            results["world1"] = run_arms(args, device)
+        if "world2" in worlds:
+            results["world2"] = run_world2(args)
+        print_model_rows(results, worlds, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

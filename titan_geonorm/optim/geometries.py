@@ -79,6 +79,8 @@ __all__ = [
     "muon_update",
     "dual_ascent",
     "stiefel_closed_form",
+    "stiefel_direction",
+    "dgram_direction",
     "stiefel_tangent",
     "dgram_tangent",
     "dgram_repair_direction",
@@ -223,10 +225,13 @@ def muon_update(
 # ----------------------------------------------------------------------------------------- dual ascent
 
 
-def _initial_dual(w: torch.Tensor, g: torch.Tensor, project: Callable) -> torch.Tensor:
-    """`Lambda_0 = -P(W^T G + G^T W)/4`, so that `G + 2 W Lambda_0 = G - W P(sym(W^T G))`."""
+def _initial_dual(w: torch.Tensor, g: torch.Tensor, project: Callable, metric: torch.Tensor | None):
+    """`Lambda_0 = -P(W^T G + G^T W) M / 4`, so that `G + 2 W Lambda_0 = G - W (P(sym(W^T G)) M)`:
+    the orthogonal projection of G onto the tangent space when `M` is the geometry's metric (for
+    DGram, `dgram_metric`; without it the start is off by the squared column norms)."""
     wtg = w.mT @ g
-    return -0.25 * project(wtg + wtg.mT)
+    lam = -0.25 * project(wtg + wtg.mT)
+    return lam if metric is None else lam * metric
 
 
 def dual_ascent(
@@ -290,7 +295,7 @@ def _dual_direction(
     `(A, Lambda - Lambda_0, iterations, violation)`."""
     if settings.dual.normalize_g:
         g = g * (g.size(-1) ** 0.5 / (torch.linalg.matrix_norm(g, keepdim=True) + _EPS))
-    lam0 = _initial_dual(w, g, project)
+    lam0 = _initial_dual(w, g, project, metric)
     lam = lam0.clone() if dual is None else lam0 + project(dual)
     a, lam, iterations, violation = dual_ascent(w, g, lam, project, metric, settings.dual, settings.dual_orth)
     return a, lam - lam0, iterations, violation
@@ -467,51 +472,66 @@ def muon_step(w, g: torch.Tensor, lr: float, dual, settings: StepSettings) -> St
     return StepResult(update=muon_update(g, settings.muon_scale, settings.muon))
 
 
+def stiefel_direction(
+    w: torch.Tensor, g: torch.Tensor, dual: torch.Tensor | None, settings: StepSettings
+) -> StepResult:
+    """The Stiefel direction at tall W by `settings.stiefel_solver`, as `StepResult(update=A,
+    dual=..., iterations=..., violation=...)`."""
+    if settings.stiefel_solver == "closed_form":
+        a = stiefel_closed_form(w, g, settings.closed_form)
+        return StepResult(update=a, violation=tangent_violation(w, a, "stiefel"))
+    if settings.stiefel_solver == "dual_ascent":
+        a, dual, iterations, violation = _dual_direction(w, g, dual, _identity, None, settings)
+        return StepResult(update=a, dual=dual, iterations=iterations, violation=violation)
+    raise ValueError(f"stiefel solver must be one of {STIEFEL_SOLVERS}, got {settings.stiefel_solver!r}")
+
+
+def dgram_direction(
+    w: torch.Tensor, g: torch.Tensor, dual: torch.Tensor | None, settings: StepSettings
+) -> StepResult:
+    """The DGram direction at tall W by `settings.dgram_solver`, exactly tangent either way."""
+    result = StepResult()
+    if settings.dgram_solver == "stiefel_repair":
+        a = dgram_repair_direction(w, g, settings.closed_form)
+    elif settings.dgram_solver == "dual_ascent":
+        metric = dgram_metric(w) if settings.dual.metric else None
+        a, result.dual, result.iterations, _ = _dual_direction(w, g, dual, off_diagonal, metric, settings)
+        # The dual loop stops at its tolerance; the exact projection makes A tangent for the
+        # retraction, and rescaling keeps the step length the solver chose.
+        norm = spectral_norm(a)
+        a = dgram_tangent(w, a)
+        a = a * (norm / (spectral_norm(a) + _EPS))
+    else:
+        raise ValueError(f"dgram solver must be one of {DGRAM_SOLVERS}, got {settings.dgram_solver!r}")
+    result.update, result.violation = a, tangent_violation(w, a, "dgram")
+    return result
+
+
+def _manifold_step(direction: Callable, retract: Callable, w, g, lr, dual, settings) -> StepResult:
+    wide = _is_wide(w)
+    w_t = _tall(w)
+    result = direction(w_t, _tall(g), dual, settings)
+    w_new = retract(w_t - lr * result.update, lr, settings)
+    result.weight, result.update = (w_new.mT if wide else w_new), None
+    return result
+
+
 def stiefel_step(
     w: torch.Tensor, g: torch.Tensor, lr: float, dual: torch.Tensor | None, settings: StepSettings
 ) -> StepResult:
-    """Stiefel step: `A` by `settings.stiefel_solver`, then `W <- R(W - lr A)`."""
-    wide = _is_wide(w)
-    w_t, g_t = _tall(w), _tall(g)
-    result = StepResult()
-    if settings.stiefel_solver == "closed_form":
-        a = stiefel_closed_form(w_t, g_t, settings.closed_form)
-        result.violation = tangent_violation(w_t, a, "stiefel")
-    elif settings.stiefel_solver == "dual_ascent":
-        a, result.dual, result.iterations, result.violation = _dual_direction(
-            w_t, g_t, dual, _identity, None, settings
-        )
-    else:
-        raise ValueError(f"stiefel solver must be one of {STIEFEL_SOLVERS}, got {settings.stiefel_solver!r}")
-    w_new = stiefel_retract(w_t - lr * a, lr, settings)
-    result.weight = w_new.mT if wide else w_new
-    return result
+    """Stiefel step: `A` by `stiefel_direction`, then `W <- stiefel_retract(W - lr A)`."""
+    return _manifold_step(stiefel_direction, stiefel_retract, w, g, lr, dual, settings)
+
+
+def _dgram_retract(y: torch.Tensor, lr: float, settings: StepSettings) -> torch.Tensor:
+    return dgram_retract(y, settings.dgram_retraction, settings.retraction)
 
 
 def dgram_step(
     w: torch.Tensor, g: torch.Tensor, lr: float, dual: torch.Tensor | None, settings: StepSettings
 ) -> StepResult:
-    """DGram step: `A` by `settings.dgram_solver`, exactly tangent, then
-    `W <- dgram_retract(W - lr A)`."""
-    wide = _is_wide(w)
-    w_t, g_t = _tall(w), _tall(g)
-    result = StepResult()
-    if settings.dgram_solver == "stiefel_repair":
-        a = dgram_repair_direction(w_t, g_t, settings.closed_form)
-    elif settings.dgram_solver == "dual_ascent":
-        metric = dgram_metric(w_t) if settings.dual.metric else None
-        a, result.dual, result.iterations, _ = _dual_direction(w_t, g_t, dual, off_diagonal, metric, settings)
-        # The dual loop stops at its tolerance; the exact projection makes A tangent for the
-        # retraction (and rescaling keeps the step length the solver chose).
-        norm = spectral_norm(a)
-        a = dgram_tangent(w_t, a)
-        a = a * (norm / (spectral_norm(a) + _EPS))
-    else:
-        raise ValueError(f"dgram solver must be one of {DGRAM_SOLVERS}, got {settings.dgram_solver!r}")
-    result.violation = tangent_violation(w_t, a, "dgram")
-    w_new = dgram_retract(w_t - lr * a, settings.dgram_retraction, settings.retraction)
-    result.weight = w_new.mT if wide else w_new
-    return result
+    """DGram step: `A` by `dgram_direction`, then `W <- dgram_retract(W - lr A)`."""
+    return _manifold_step(dgram_direction, _dgram_retract, w, g, lr, dual, settings)
 
 
 # ----------------------------------------------------------------------------------------- the table
