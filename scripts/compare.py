@@ -4,9 +4,10 @@
         --arms pre/rmsnorm/adamw,peri/rmsnorm/adamw,pre/rmsnorm/hetero --seeds 0,1,2 --steps 150 \
         [--config train_configs/depth12_text.toml] [--diag-freq 25] [-- EXTRA TRAINING OVERRIDES]
 
-An arm is `variant/norm/optimizer`: variant in pre|post|peri|geonorm (the `llama3_<variant>ln` /
-`llama3_geonorm` train specs), norm in rmsnorm|layernorm, optimizer `adamw` or a Manifold Muon
-preset (muon|all_stiefel|all_dgram|hetero|hetero_inv). Every (arm, seed) trains with
+An arm is `variant/norm/optimizer[/key=value+key=value...]`: variant in pre|post|peri|geonorm (the
+`llama3_<variant>ln` / `llama3_geonorm` train specs), norm in rmsnorm|layernorm, optimizer `adamw` or a Manifold Muon
+preset (muon|all_stiefel|all_dgram|hetero|hetero_inv), then optional `[geonorm]` keys of that arm
+(`geonorm/rmsnorm/adamw/radius=prenorm+attn_decay=harmonic`). Every (arm, seed) trains with
 `python -m titan_geonorm.train` under torchrun (1 process) with diagnostics on, saves its final
 weights, and is scored by `titan_geonorm.evaluate` on the held-out split of the training text
 (`[validation] val_fraction`, never trained on), written once to `<out>/heldout.txt`.
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from titan_geonorm.data.datasets import is_held_out, read_documents, text_files  # noqa: E402
-from titan_geonorm.metrics import read_metrics  # noqa: E402
+from titan_geonorm.titan.metrics import read_metrics  # noqa: E402
 
 MODEL_NAMES = {"pre": "llama3_preln", "post": "llama3_postln", "peri": "llama3_periln", "geonorm": "llama3_geonorm"}
 NORMS = ("rmsnorm", "layernorm")
@@ -41,21 +42,24 @@ LOSS = "loss_metrics/global_avg_loss"
 D = "diagnostics/"
 
 
-def parse_arm(text: str) -> tuple[str, str, str]:
+def parse_arm(text: str) -> tuple[str, ...]:
     parts = text.split("/")
-    if len(parts) != 3:
-        raise SystemExit(f"--arms: {text!r} is not variant/norm/optimizer")
-    variant, norm, opt = parts
+    if len(parts) not in (3, 4):
+        raise SystemExit(f"--arms: {text!r} is not variant/norm/optimizer[/geonorm keys]")
+    variant, norm, opt = parts[:3]
+    for item in parts[3:4] and parts[3].split("+"):
+        if variant != "geonorm" or "=" not in item:
+            raise SystemExit(f"--arms: {text!r}: the 4th part is key=value+... for geonorm arms")
     if variant not in MODEL_NAMES:
         raise SystemExit(f"--arms: variant {variant!r} not in {tuple(MODEL_NAMES)}")
     if norm not in NORMS:
         raise SystemExit(f"--arms: norm {norm!r} not in {NORMS}")
     if opt != "adamw" and opt not in PRESETS:
         raise SystemExit(f"--arms: optimizer {opt!r} not adamw or one of {PRESETS}")
-    return variant, norm, opt
+    return tuple(parts)
 
 
-def arm_id(arm: tuple[str, str, str]) -> str:
+def arm_id(arm: tuple[str, ...]) -> str:
     return "-".join(arm)
 
 
@@ -87,7 +91,7 @@ def write_heldout(config: Path, out: Path, max_chars: int) -> Path:
 
 
 def overrides(arm, seed: int, args, dump: Path) -> list[str]:
-    variant, norm, opt = arm
+    variant, norm, opt = arm[:3]
     out = [
         "--job.config_file", str(args.config), "--job.dump_folder", str(dump),
         "--model.name", MODEL_NAMES[variant], "--model.norm_type", norm,
@@ -98,6 +102,11 @@ def overrides(arm, seed: int, args, dump: Path) -> list[str]:
     else:
         out += ["--optimizer.name", "ManifoldMuon", "--optimizer.manifold_muon.preset", opt,
                 "--optimizer.manifold_muon.no-log-assignment"]
+    for item in arm[3:4] and arm[3].split("+"):
+        key, value = item.split("=", 1)
+        # Booleans are flags on torchtitan's command line.
+        flags = {"true": [f"--geonorm.{key}"], "false": [f"--geonorm.no-{key}"]}
+        out += flags.get(value.lower(), [f"--geonorm.{key}", value])
     return out + list(args.extra)
 
 

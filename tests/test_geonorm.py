@@ -1,4 +1,4 @@
-"""GeoNorm maths: norm preservation, agreement with Post-Norm, gradients, clamping, schedules."""
+"""GeoNorm maths: norm preservation, the Pre-LN/Post-LN retractions, gradients, clamps, schedules."""
 
 import math
 
@@ -8,11 +8,13 @@ import torch
 from titan_geonorm.geonorm import (
     DECAY_SCHEDULES,
     Gain,
+    RADII,
+    UPDATE_MAPS,
     GeodesicStep,
-    _forward,
     decay,
     geodesic_step,
     project_to_sphere,
+    step_polar,
 )
 
 DIM = 32
@@ -89,39 +91,101 @@ def test_zero_update_is_identity():
 
 
 @pytest.mark.parametrize("center", [False, True])
-def test_gradcheck_float64_with_zero_update_and_zero_norm_row(center):
+@pytest.mark.parametrize("update_map", UPDATE_MAPS)
+@pytest.mark.parametrize("radius", RADII)
+def test_gradcheck_float64_with_zero_update(radius, update_map, center):
+    """Unclamped, clamped (base and final) and zero updates; a zero-norm state for the exp map on
+    the sphere, the one combination that is smooth there (R = ||h|| and a clamped angle; prenorm's
+    R = ||h + u|| keeps a direction, and the retraction's angle depends on <h,u>/||h||^2)."""
     h = _sphere(5, dim=6, dtype=torch.float64)
-    u = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    u = 0.5 * torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     u[1] = 0.0  # zero update
-    h[2] = 0.0  # zero-norm state
+    if radius == "sphere" and update_map == "exp":
+        h[2] = 0.0  # zero-norm state
     u[3] *= 50.0  # clamped angle
-    step = torch.tensor([0.8], dtype=torch.float64)
-    inputs = (h.requires_grad_(), u.requires_grad_(), step.requires_grad_())
+    base_max = 0.9 if update_map == "exp" else math.inf
+    inputs = (h.requires_grad_(), u.requires_grad_(), torch.tensor([0.8], dtype=torch.float64).requires_grad_())
     assert torch.autograd.gradcheck(
-        lambda h, u, a: geodesic_step(h, u, a, 1.2, center), inputs, eps=1e-6, atol=1e-6
+        lambda h, u, a: geodesic_step(h, u, a, 1.2, center, radius=radius, update_map=update_map,
+                                      theta_base_max=base_max),
+        inputs, eps=1e-6, atol=1e-6,
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("center", [False, True])
-@pytest.mark.parametrize("step", [0.8, -3.0, 0.0])
-def test_hand_written_backward_matches_autograd(dtype, center, step):
-    """`geodesic_step`'s backward against autograd through the same forward (`_forward`), on
-    rows from 1e-6 to 1e6 times the state's norm: unclamped, clamped and a zero update."""
-    h = _sphere(64, dtype=dtype)
+@pytest.mark.parametrize("radius", RADII)
+def test_gradcheck_float64_with_angle_bias(radius):
+    h = _sphere(4, dim=6, dtype=torch.float64)
+    u = 0.5 * torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    u[2] *= 50.0
+    inputs = [h, u, torch.tensor([0.8], dtype=torch.float64), torch.tensor([0.1], dtype=torch.float64)]
+    assert torch.autograd.gradcheck(
+        lambda h, u, a, b: geodesic_step(h, u, a, 1.2, bias=b, radius=radius),
+        [x.requires_grad_() for x in inputs], eps=1e-6, atol=1e-6,
+    )
+
+
+def test_prenorm_zero_state_is_finite():
+    h, u = torch.zeros(2, DIM, requires_grad=True), torch.randn(2, DIM, requires_grad=True)
+    out = geodesic_step(h, u, 1.0, radius="prenorm")
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(h.grad).all() and torch.isfinite(u.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_retraction_is_pre_ln_and_post_ln_exactly(dtype):
+    """The docstring's identity h + u = ||h + u|| (cos(phi) h/||h|| + sin(phi) v/||v||), including an
+    update that turns the state by more than pi/2 and one along -h (phi = pi)."""
+    h = _sphere(64, dtype=dtype) * torch.logspace(-2, 2, 64, dtype=dtype).unsqueeze(-1)
     u = _updates(64, dtype=dtype)
-    u[5] = 0.0
-    grad_out = torch.randn(64, DIM, generator=torch.Generator().manual_seed(7)).to(dtype)
-    grads = []
-    for fn in (geodesic_step, lambda *a: _forward(*a)[0]):
-        x, y = h.clone().requires_grad_(), u.clone().requires_grad_()
-        a = torch.tensor([step], requires_grad=True)
-        out = fn(x, y, a * 0.5, 1.2, center)
-        out.backward(grad_out)
-        grads.append((out, x.grad, y.grad, a.grad))
-    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-2}
-    for got, ref in zip(*grads):
-        torch.testing.assert_close(got.float(), ref.float(), **tol)
+    u[7] = -3.0 * h[7]
+    pre = geodesic_step(h, u, 1.0, math.pi, radius="prenorm", update_map="retraction")
+    bound = 1e-5 if dtype == torch.float32 else 1e-12
+    err = ((pre - (h + u)).norm(dim=-1) / (h + u).norm(dim=-1)).max().item()
+    assert err < bound, err
+    post = geodesic_step(h, u, 1.0, math.pi, update_map="retraction")
+    expected = h.norm(dim=-1, keepdim=True) * torch.nn.functional.normalize(h + u, dim=-1)
+    err = ((post - expected).norm(dim=-1) / h.norm(dim=-1)).max().item()
+    assert err < bound, err
+
+
+def test_prenorm_radius_is_pre_ln_norm_and_angle_is_scaled():
+    h = _sphere(16, dtype=torch.float64) * 3.0
+    u = 0.2 * torch.randn(16, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    for update_map in UPDATE_MAPS:
+        out = geodesic_step(h, u, 0.5, radius="prenorm", update_map=update_map)
+        torch.testing.assert_close(out.norm(dim=-1), (h + u).norm(dim=-1))
+        theta, growth = step_polar(h, u, 0.5, radius="prenorm", update_map=update_map)
+        torch.testing.assert_close(growth.squeeze(-1), (h + u).norm(dim=-1) / h.norm(dim=-1))
+        cos = torch.nn.functional.cosine_similarity(out, h, dim=-1)
+        torch.testing.assert_close(cos, torch.cos(theta.squeeze(-1)))
+    # Half of Pre-LN's own angle with the retraction.
+    phi = torch.acos(torch.nn.functional.cosine_similarity(h + u, h, dim=-1))
+    theta, _ = step_polar(h, u, 0.5, update_map="retraction")
+    torch.testing.assert_close(theta.squeeze(-1), 0.5 * phi)
+
+
+def test_exp_map_differs_from_pre_ln_quadratically():
+    """||exp-map step - (h + u)|| for u = eps w: the log-log slope over eps is 2."""
+    h = _sphere(8, dtype=torch.float64)
+    w = torch.randn(8, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    eps = torch.tensor([1e-1, 5e-2, 2.5e-2, 1.25e-2, 6.25e-3], dtype=torch.float64)
+    errors = torch.stack([(geodesic_step(h, e * w, 1.0, radius="prenorm") - (h + e * w)).norm(dim=-1).max()
+                          for e in eps])
+    slope = torch.linalg.lstsq(torch.stack([eps.log(), torch.ones_like(eps)], 1), errors.log()[:, None])
+    assert 1.9 < slope.solution[0].item() < 2.1, errors
+
+
+def test_base_clamp_bias_and_final_clamp():
+    """theta = clamp(step min(||v||/||h||, base_max) + bias, theta_max), as `step_polar` reports."""
+    h = _sphere(32, dtype=torch.float64)
+    u = _updates(32, dtype=torch.float64)
+    r = step_polar(h, u, 1.0)[0].squeeze(-1)  # ||v||/||h||, unclamped up to pi/2
+    theta = step_polar(h, u, 0.5, math.pi / 4, bias=0.1, theta_base_max=0.6)[0].squeeze(-1)
+    ratio = (u - (h * u).sum(-1, keepdim=True) / (h * h).sum(-1, keepdim=True) * h).norm(dim=-1) / h.norm(dim=-1)
+    torch.testing.assert_close(r, ratio.clamp_max(math.pi / 2))
+    torch.testing.assert_close(theta, (0.5 * ratio.clamp_max(0.6) + 0.1).clamp_max(math.pi / 4))
+    out = geodesic_step(h, u, 0.5, math.pi / 4, bias=0.1, theta_base_max=0.6)
+    torch.testing.assert_close(torch.nn.functional.cosine_similarity(out, h, dim=-1), torch.cos(theta))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -13,9 +13,9 @@ Quantities (`L{i}` = block i, `<m>` = module path such as `layers.3.attention_no
   between the vector entering norm `<m>` and the all-ones vector (arXiv 2409.12951);
   logged as `acos(mean c)` (signed) and `acos(mean |c|)` (absolute), in degrees. Random vectors
   give 90 deg and about 90 - 45.7/sqrt(d) deg.
-- GeoNorm `theta_mean/<m>`, `theta_max/<m>` of each `GeodesicStep`,
-  `theta = min(|a s| ||v||/||h||, theta_max)` with `v` the tangent part of the update, and
-  `step_scalar/<m>` = the learned `a_k`.
+- GeoNorm `theta_mean/<m>`, `theta_max/<m>` of each `GeodesicStep`: |theta| of its update as
+  `geonorm.step_polar` computes it; `radius_growth/<m>`: mean R/||h|| (1 for radius `sphere`,
+  ||h + u||/||h|| for `prenorm`); `step_scalar/<m>` = the learned `a_k`.
 - Per block weight matrix `<m>`: `sv_max`, `sv_min` (exact: `torch.linalg.svdvals` in fp32 on
   the full matrix, each matrix on one rank), `stiefel_err` = RMS(W^T W - I) and `dgram_err` =
   RMS(Off(C)) with C the column-cosine matrix (tall orientation: both are zero exactly on the
@@ -129,15 +129,11 @@ def _ones_cosine_stats(red: _Reducer, key: str, x: torch.Tensor) -> None:
 
 
 def _theta_stats(red: _Reducer, key: str, module: GeodesicStep, h: torch.Tensor, u: torch.Tensor) -> None:
-    """theta = min(|a s| ||v||/||h||, theta_max), v = u - (<h,u>/||h||^2) h (as `geodesic_step`)."""
-    h, u = _rows(h.detach()).double(), _rows(u.detach()).double()
-    if module.center:
-        u = u - u.mean(-1, keepdim=True)
-    sq = h.square().sum(-1, keepdim=True).clamp_min(1e-10)
-    v = u - ((h * u).sum(-1, keepdim=True) / sq) * h
-    a = module.step_init if module.step is None else _full(module.step.detach()).double()
-    theta = (abs(a * module.decay) * v.norm(dim=-1) / sq.squeeze(-1).sqrt()).clamp_max(module.theta_max)
+    """|theta| and R/||h|| of the module's update, from `GeodesicStep.polar` (fp64)."""
+    theta, growth = module.polar(_rows(h.detach()).double(), _rows(u.detach()).double())
+    theta = theta.abs()
     red.add(f"{key}:theta", theta.sum())
+    red.add(f"{key}:growth", growth.sum())
     red.add(f"{key}:n", theta.numel())
     red.max(f"{key}:theta_max", theta.max())
 
@@ -374,6 +370,7 @@ def _metrics(sums: dict[str, float], maxes: dict[str, float]) -> dict[str, float
         elif kind == "theta" and field == "theta":
             out[f"{PREFIX}theta_mean/{where}"] = sums[key] / sums[f"{base}:n"]
             out[f"{PREFIX}theta_max/{where}"] = maxes[f"{base}:theta_max"]
+            out[f"{PREFIX}radius_growth/{where}"] = sums[f"{base}:growth"] / sums[f"{base}:n"]
         elif kind == "attn" and field == "entropy":
             out[f"{PREFIX}attn_entropy/L{where}"] = sums[key] / sums[f"{base}:n"]
             out[f"{PREFIX}attn_logit_max/L{where}"] = maxes[f"{base}:logit_max"]

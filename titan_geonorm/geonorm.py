@@ -1,9 +1,10 @@
-"""GeoNorm (Zheng et al. 2026, arXiv 2601.22095): residual updates as geodesic steps on a sphere.
+"""GeoNorm (Zheng et al. 2026, arXiv 2601.22095): residual updates as geodesic steps.
 
-Every token's residual state lives on the sphere of radius sqrt(d) (RMS 1). A sublayer output is
-read as an update direction; instead of adding it and normalizing (Post-LN), the state moves
-along the great circle towards it, by an angle scaled by a per-sublayer step `a_k` and a depth
-decay `s(k)`. See DESIGN.md section 3 for the specification implemented here.
+A sublayer output is read as an update direction: the state turns towards it along the great
+circle by an angle scaled by a per-sublayer step `a_k` and a depth decay `s(k)`, like a learning
+rate schedule. With `radius = "sphere"` the state keeps radius sqrt(d) (DESIGN.md section 3);
+with `radius = "prenorm"` its norm evolves as Pre-LN's residual would and only the direction is
+moved along the geodesic (`geodesic_step` derives the rule).
 """
 
 import math
@@ -14,9 +15,14 @@ from torch.distributed.tensor import DTensor
 
 DECAY_SCHEDULES = ("none", "sqrt", "harmonic", "linear")
 
-# Floor on ||h||^2: a zero state has no sphere to move on; the floor keeps the map finite and
-# differentiable there (states in a model have ||h||^2 = d, far above it).
+RADII = ("sphere", "prenorm")
+UPDATE_MAPS = ("exp", "retraction")
+
+# Floor on ||h||^2 (and on the divisors below): a zero state has no sphere to move on; the floor
+# keeps the map finite and differentiable there (states in a model have ||h||^2 ~ d, far above it).
 _MIN_SQ_NORM = 1e-10
+# Below this ||v|| / (||h|| |1 + c|), atan2(x, a)/x is replaced by its series 1/a (error < 1e-8).
+_SERIES = 1e-4
 
 
 def decay(schedule: str, k: int, num_steps: int) -> float:
@@ -43,30 +49,55 @@ def geodesic_step(
     step: torch.Tensor | float,
     theta_max: float = math.pi / 2,
     center: bool = False,
+    *,
+    bias: torch.Tensor | float = 0.0,
+    radius: str = "sphere",
+    update_map: str = "exp",
+    theta_base_max: float = math.inf,
 ) -> torch.Tensor:
-    """Move each row of `h` along its sphere (radius ||h||) in the direction of the update `u`.
+    """Move each row of `h` by the update `u`: a rotation in span(h, v) and a new norm R.
 
-        v     = u - (<h,u> / ||h||^2) h                            tangent projection at h
-        theta = sign(step) * min(|step| ||v|| / ||h||, theta_max)   step angle
-        h'    = cos(theta) h + sin(theta) ||h|| v / ||v||           exponential map: ||h'|| = ||h||
+    Pre-LN's step in polar form. Split u = c h + v, c = <h,u>/||h||^2, v orthogonal to h:
+        h + u = (1 + c) h + v = ||h + u|| (cos(phi) h/||h|| + sin(phi) v/||v||),
+        phi = atan2(||v||/||h||, 1 + c),   ||h + u|| = ||h|| sqrt((1 + c)^2 + ||v||^2/||h||^2).
+    Pre-LN turns the direction by phi ~ ||v||/||h|| (its implicit 1/||h|| step decay) and grows
+    the norm to ||h + u||. The scaled rule keeps the norm and rescales only the angle:
+        theta_0 = min(||v||/||h||, theta_base_max)     (update_map exp: the geodesic's angle)
+                  phi                                  (update_map retraction)
+        theta   = clamp(step theta_0 + bias, -theta_max, theta_max)
+        h'      = R (cos(theta) h/||h|| + sin(theta) v/||v||)
+        R       = ||h|| (radius sphere)  or  ||h + u|| (radius prenorm)
+    With the retraction, step 1, bias 0 and theta_max = pi this is exactly h + u (prenorm) or
+    ||h|| (h + u)/||h + u|| (sphere: Post-LN); the exp map differs from it by the angle
+    ||v||/||h|| - phi ~ c ||v||/||h||, second order in the update size.
 
-    `step` is a_k * s(k) (a scalar). `center=True` removes the mean of `u` first, so a mean-zero
-    state stays on the mean-zero sphere, LayerNorm's geometry (arXiv 2409.12951).
-
-    Computed in fp32 (or the input's wider dtype) and cast back. The second term is written as
-    `step_eff * sinc(theta) * v` with `step_eff = theta ||h|| / ||v||`, which never divides by
-    ||v||: a zero update gives exactly h' = h with finite gradients.
-
-    Plain tensors go through `_GeodesicStep`, whose hand-written backward makes half the passes
-    over the activations that autograd's does; DTensors (sequence-parallel TP) through autograd.
+    `step` is a_k s(k), `bias` b_k s(k) (scalars). `center=True` removes the mean of `u` first, so
+    a mean-zero state stays mean-zero (LayerNorm's geometry, arXiv 2409.12951). Computed in fp32
+    (or the input's wider dtype) and cast back. sin(theta) ||h||/||v|| is written as
+    sinc(theta) (theta/theta_0) step theta_0 ||h||/||v||, where theta_0 ||h||/||v|| is 1, a
+    clamp ratio or atan2's series: without a bias, nothing divides by ||v||, and a zero update
+    gives exactly R h/||h|| with finite gradients.
     """
-    if isinstance(h, DTensor) or isinstance(u, DTensor):
-        return _forward(h, u, step, theta_max, center)[0]
-    return _GeodesicStep.apply(h, u, step, theta_max, center)
+    h32, v, one_c, ratio, theta, coef_v = _polar(h, u, step, theta_max, center, bias, update_map,
+                                                 theta_base_max)
+    coef_h = torch.cos(theta)
+    if radius == "prenorm":
+        scale = _radius_ratio(one_c, ratio)
+        coef_h, coef_v = coef_h * scale, coef_v * scale
+    return torch.addcmul(coef_h * h32, coef_v, v).to(h.dtype)
 
 
-def _forward(h, u, step, theta_max: float, center: bool):
-    """`geodesic_step`'s output and the per-row intermediates its backward needs."""
+def step_polar(h, u, step, theta_max=math.pi / 2, center=False, *, bias=0.0, radius="sphere",
+               update_map="exp", theta_base_max=math.inf) -> tuple[torch.Tensor, torch.Tensor]:
+    """`geodesic_step`'s per-row angle theta and radius ratio R/||h|| (shape: rows, 1)."""
+    _, _, one_c, ratio, theta, _ = _polar(h, u, step, theta_max, center, bias, update_map, theta_base_max)
+    if radius == "prenorm":
+        return theta, _radius_ratio(one_c, ratio)
+    return theta, torch.ones_like(theta)
+
+
+def _polar(h, u, step, theta_max, center, bias, update_map, theta_base_max):
+    """h in the working dtype, v, 1 + c, ||v||/||h||, theta and theta ||h|| / (theta_0 ||v||)."""
     dtype = torch.promote_types(h.dtype, torch.float32)
     h32, u32 = h.to(dtype), u.to(dtype)
     if isinstance(step, torch.Tensor):
@@ -74,73 +105,38 @@ def _forward(h, u, step, theta_max: float, center: bool):
     if center:
         u32 = u32 - u32.mean(dim=-1, keepdim=True)
     sq_norm = _dot(h32, h32).clamp_min(_MIN_SQ_NORM)
-    c = _dot(h32, u32) / sq_norm
-    v = torch.addcmul(u32, c, h32, value=-1)
+    one_c = 1 + _dot(h32, u32) / sq_norm
+    v = torch.addcmul(u32, one_c - 1, h32, value=-1)
     # Accumulated in fp64 so that ||v||^2 cannot overflow for huge updates.
     v_norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True, dtype=torch.float64).to(dtype)
     ratio = v_norm / sq_norm.sqrt()
-    # Equal to `step` until |step| * ratio reaches theta_max; beyond, shrunk so |theta| = theta_max.
-    scaled = abs(step) * ratio
-    step_eff = step * theta_max / scaled.clamp_min(theta_max)
-    theta = step_eff * ratio
-    sinc = torch.sinc(theta / math.pi)
-    cos = torch.cos(theta)
-    out = torch.addcmul(cos * h32, step_eff * sinc, v).to(h.dtype)
-    return out, (h32, v, sq_norm, c, v_norm, ratio, step_eff, theta, sinc, cos, scaled > theta_max)
+    if update_map == "retraction":
+        theta = torch.atan2(ratio, one_c)
+        series = (one_c > 0) & (ratio < _SERIES * one_c.abs())
+        base = torch.where(series, 1 / one_c.abs().clamp_min(_MIN_SQ_NORM),
+                           theta / ratio.clamp_min(_MIN_SQ_NORM))
+    elif math.isinf(theta_base_max):
+        theta, base = ratio, 1.0
+    else:
+        theta = ratio.clamp_max(theta_base_max)
+        base = theta_base_max / ratio.clamp_min(theta_base_max)
+    # theta_0 = base * ||v||/||h||; theta / (||v||/||h||) is `per_ratio`, before the final clamp.
+    theta, per_ratio = step * theta, step * base
+    if isinstance(bias, torch.Tensor) or bias != 0.0:
+        theta = theta + bias
+        per_ratio = per_ratio + bias / ratio.clamp_min(_MIN_SQ_NORM)
+    shrink = theta_max / theta.abs().clamp_min(theta_max)
+    theta = theta * shrink
+    return h32, v, one_c, ratio, theta, torch.sinc(theta / math.pi) * per_ratio * shrink
+
+
+def _radius_ratio(one_c: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """||h + u|| / ||h||, from the same decomposition (exact, no extra pass over the rows)."""
+    return (one_c.square() + ratio.square()).sqrt()
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x * y).sum(dim=-1, keepdim=True)
-
-
-class _GeodesicStep(torch.autograd.Function):
-    """`geodesic_step` with its backward written out (checked against autograd in the tests).
-
-    With k = step_eff sinc(theta), out = cos(theta) h + k v, and g = dL/dout, per row:
-      unclamped (theta = step r, r = ||v||/||h||): dtheta = -sin(theta) <g,h> + step sinc'(theta) <g,v>,
-        dr = step dtheta, dstep = r dtheta + sinc(theta) <g,v>
-      clamped (theta = +-theta_max, k = sin(theta) / r): dr = -(k / r) <g,v>, dstep = 0
-      dv = k g + dr v / (||v|| ||h||)
-      du = dv - (<dv,h> / ||h||^2) h                       (then minus its mean if centered)
-      dh = cos(theta) g - c dv - (<dv,h> / ||h||^2)(v - c h) - (dr r / ||h||^2) h,  c = <h,u>/||h||^2
-    """
-
-    @staticmethod
-    def forward(ctx, h, u, step, theta_max, center):
-        out, saved = _forward(h, u, step, theta_max, center)
-        ctx.save_for_backward(*saved)
-        ctx.center = center
-        ctx.dtypes = (h.dtype, u.dtype, step.dtype if isinstance(step, torch.Tensor) else None)
-        ctx.step_shape = step.shape if isinstance(step, torch.Tensor) else None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        h32, v, sq_norm, c, v_norm, ratio, step_eff, theta, sinc, cos, clamped = ctx.saved_tensors
-        g = grad_out.to(h32.dtype)
-        g_h, g_v = _dot(g, h32), _dot(g, v)
-        k = step_eff * sinc
-        small = theta.abs() < 1e-4
-        # sinc'(x) = (cos x - sinc x) / x, -x/3 near 0.
-        d_sinc = torch.where(small, -theta / 3, (cos - sinc) / torch.where(small, 1.0, theta))
-        d_theta = -torch.sin(theta) * g_h + step_eff * d_sinc * g_v
-        safe_ratio = torch.where(clamped, ratio, 1.0)
-        d_ratio = torch.where(clamped, -(k / safe_ratio) * g_v, step_eff * d_theta)
-        d_step = torch.where(clamped, 0.0, ratio * d_theta + sinc * g_v)
-        v_coef = d_ratio / (v_norm.clamp_min(torch.finfo(v.dtype).tiny) * sq_norm.sqrt())
-        # dv = k g + v_coef v; <dv,h> = k <g,h> since v is orthogonal to h. Both gradients are then
-        # combinations of g, v and h with per-row coefficients: three passes each.
-        dv_h = k * g_h / sq_norm
-        du = torch.mul(g, k).addcmul_(v_coef, v).addcmul_(dv_h, h32, value=-1)
-        if ctx.center:
-            du = du - du.mean(dim=-1, keepdim=True)
-        dh = torch.mul(g, cos - c * k).addcmul_(c * v_coef + dv_h, v, value=-1)
-        dh.addcmul_(dv_h * c - d_ratio * ratio / sq_norm, h32)
-        h_dtype, u_dtype, step_dtype = ctx.dtypes
-        grad_step = None
-        if ctx.needs_input_grad[2]:
-            grad_step = d_step.sum().expand(ctx.step_shape).to(step_dtype)
-        return dh.to(h_dtype), du.to(u_dtype), grad_step, None, None
 
 
 def project_to_sphere(x: torch.Tensor, center: bool = False) -> torch.Tensor:
@@ -175,10 +171,10 @@ class Gain(nn.Module):
 
 
 class GeodesicStep(nn.Module):
-    """One GeoNorm residual update `h <- geodesic_step(h, u, a_k * s(k))`.
+    """One GeoNorm residual update `h <- geodesic_step(h, u, a_k s(k), bias=b_k s(k), ...)`.
 
     Holds the step scalar a_k (a learnable parameter `step` of shape (1,), or the fixed float
-    `step_init`) and the constant decay s(k).
+    `step_init`), the optional learnable angle bias b_k (`bias`, init 0) and the constant decay s(k).
     """
 
     def __init__(
@@ -188,25 +184,57 @@ class GeodesicStep(nn.Module):
         learnable: bool = True,
         theta_max: float = math.pi / 2,
         center: bool = False,
+        *,
+        learnable_bias: bool = False,
+        radius: str = "sphere",
+        update_map: str = "exp",
+        theta_base_max: float = math.inf,
     ):
         super().__init__()
         self.decay = decay
         self.step_init = step_init
         self.theta_max = theta_max
         self.center = center
+        self.radius = radius
+        self.update_map = update_map
+        self.theta_base_max = theta_base_max
         self.step = nn.Parameter(torch.empty(1)) if learnable else None
+        self.bias = nn.Parameter(torch.empty(1)) if learnable_bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         if self.step is not None:
             nn.init.constant_(self.step, self.step_init)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _options(self) -> dict:
+        a = self.step_init if self.step is None else self.step
+        bias = 0.0 if self.bias is None else self.bias * self.decay
+        return dict(step=a * self.decay, theta_max=self.theta_max, center=self.center, bias=bias,
+                    radius=self.radius, update_map=self.update_map, theta_base_max=self.theta_base_max)
 
     def forward(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        a = self.step_init if self.step is None else self.step
-        return geodesic_step(h, u, a * self.decay, self.theta_max, self.center)
+        return geodesic_step(h, u, **self._options())
+
+    def polar(self, h: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row angle and radius ratio R/||h|| of this update (`step_polar`), without autograd.
+
+        For local rows `h`, `u`: replicated (TP) scalars are read whole and cast to `h`'s dtype.
+        """
+        with torch.no_grad():
+            options = self._options()
+            for key in ("step", "bias"):
+                if isinstance(options[key], DTensor):
+                    options[key] = options[key].full_tensor()
+                if isinstance(options[key], torch.Tensor):
+                    options[key] = options[key].to(h.dtype)
+            return step_polar(h, u, **options)
 
     def extra_repr(self) -> str:
         return (
-            f"decay={self.decay:.4g}, step_init={self.step_init}, "
-            f"learnable={self.step is not None}, theta_max={self.theta_max:.4g}, center={self.center}"
+            f"decay={self.decay:.4g}, step_init={self.step_init}, learnable={self.step is not None}, "
+            f"bias={self.bias is not None}, theta_max={self.theta_max:.4g}, "
+            f"theta_base_max={self.theta_base_max:.4g}, center={self.center}, radius={self.radius}, "
+            f"update_map={self.update_map}"
         )
