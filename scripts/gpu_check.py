@@ -59,10 +59,11 @@ class Sizes:
     log_freq: int
     compile: bool
     mixed_precision: str
-    variants: tuple[str, ...]
+    max_variants: int | None
     # Llama-3 8B layer: wq/wo 4096x4096, wk/wv 1024x4096, w1/w3 14336x4096, w2 4096x14336.
     layer: dict
     layer_tokens: int
+    layer_seq: int
     reps: int
     dual_steps_converged: int
     geonorm_tokens: int
@@ -73,17 +74,17 @@ class Sizes:
 
 FULL = Sizes(
     flavor="1B", seq=2048, batch=4, warmup=10, steps=30, log_freq=5, compile=True,
-    mixed_precision="bfloat16", variants=VARIANTS,
+    mixed_precision="bfloat16", max_variants=None,
     layer={"dim": 4096, "n_heads": 32, "n_kv_heads": 8, "ffn_dim_multiplier": 1.3, "multiple_of": 1024},
     # llama3_8b.toml's local batch: 2 x 8192 tokens per GPU.
-    layer_tokens=16384, reps=3, dual_steps_converged=100,
+    layer_tokens=16384, layer_seq=8192, reps=3, dual_steps_converged=100,
     geonorm_tokens=8192, geonorm_steps=32, manifold_steps=10, margin_s=15.0,
 )
 SMOKE = Sizes(
     flavor="tiny", seq=64, batch=4, warmup=1, steps=2, log_freq=1, compile=False,
-    mixed_precision="float32", variants=("llama3_titan", "llama3_geonorm"),
+    mixed_precision="float32", max_variants=2,
     layer={"dim": 64, "n_heads": 4, "n_kv_heads": 1, "ffn_dim_multiplier": 1.3, "multiple_of": 64},
-    layer_tokens=128, reps=1, dual_steps_converged=30,
+    layer_tokens=128, layer_seq=64, reps=1, dual_steps_converged=30,
     geonorm_tokens=256, geonorm_steps=8, manifold_steps=3, margin_s=3.0,
 )
 
@@ -151,6 +152,22 @@ def tail(path: Path, lines: int) -> str:
 
 
 # ---------------------------------------------------------------------------------- environment
+
+
+def shipped_variants() -> list[str]:
+    """Every train spec the plugin registers, the awaited ones first; VARIANTS if none can be listed."""
+    import importlib
+
+    try:
+        # The entry point registers every spec on import, and must be imported before torchtitan.
+        importlib.import_module("titan_geonorm.train")
+        from torchtitan.protocols.train_spec import _extra_train_specs
+    except Exception:  # noqa: BLE001  (then train what is known to exist)
+        return list(VARIANTS)
+    names = [name for name in _extra_train_specs if name.startswith("llama3_")]
+    if "llama3_titan" not in names:
+        return list(VARIANTS)
+    return [v for v in VARIANTS if v in names] + sorted(set(names) - set(VARIANTS))
 
 
 def environment(smoke: bool) -> dict:
@@ -247,7 +264,6 @@ def _manifold_error(w, geometry: str) -> float:
 def part_numerics(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
     import torch
 
-    import titan_geonorm  # noqa: F401  (CPU patches before torchtitan on hosts without a GPU)
 
     device = _device()
     # On the device: host-side randn of 8B-layer-sized tensors would take most of the budget.
@@ -349,7 +365,7 @@ def _layer_block(sizes: Sizes, device):
     import torch
     from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 
-    seq = min(sizes.layer_tokens, 8192)
+    seq = min(sizes.layer_tokens, sizes.layer_seq)
     args = TransformerModelArgs(n_layers=1, vocab_size=256, max_seq_len=seq, rope_theta=500000, **sizes.layer)
     with torch.device(device):
         model = Transformer(args)
@@ -425,7 +441,6 @@ def time_fwd_bwd(sizes: Sizes, device, timer: Timer, freqs_cis, batch: int, seq:
 def part_optimizer(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
     import torch
 
-    import titan_geonorm  # noqa: F401  (CPU patches before torchtitan on hosts without a GPU)
     from titan_geonorm.optim import ManifoldMuon, ManifoldMuonConfig
 
     device = _device()
@@ -512,6 +527,9 @@ def part_optimizer(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
 
 
 def child_main(args) -> None:
+    # Before any torchtitan import: on a host without a GPU the package may patch torch on import.
+    import titan_geonorm  # noqa: F401
+
     sizes = SMOKE if args.smoke else FULL
     budget = Deadline(args.budget_s)
     for part in args.child.split(","):
@@ -871,9 +889,12 @@ def main(argv=None) -> int:
     # Not under $OUT: the device tool brings back at most 8 files from there.
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # the repo's package, installed or not
+    # Before environment(), which imports torchtitan: the entry point's import must come first.
+    variants = args.variants.split(",") if args.variants else shipped_variants()[:sizes.max_variants]
     report = {"env": environment(args.smoke), "targets": TARGETS, "parts": {}}
     on_gpu = report["env"].get("device") not in (None, "cpu")
-    variants = args.variants.split(",") if args.variants else list(sizes.variants)
     log_paths: list[Path] = []
     # One child per part on a GPU (a crash costs one part); one child for both in smoke mode.
     groups: list[list[str]] = []
