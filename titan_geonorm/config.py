@@ -1,11 +1,13 @@
 """Plugin config sections, merged into torchtitan's JobConfig.
 
 Use with `[job] custom_config_module = "titan_geonorm.config"`. torchtitan merges same-named
-dataclass sections field by field, so `model`, `training`, `validation`, `optimizer` and `metrics` below add
-keys to torchtitan's sections, while `geonorm`, `peri_ln`, `divergence` and `diagnostics` are new sections.
+dataclass sections field by field, so `model`, `training`, `validation`, `optimizer`, `checkpoint`
+and `metrics` below add keys to torchtitan's sections, while `geonorm`, `peri_ln`, `divergence` and `diagnostics` are new sections.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+
+from titan_geonorm.checks import require
 
 from titan_geonorm.data.config import TrainingExtras, ValidationExtras
 from titan_geonorm.diagnostics_config import DiagnosticsConfig
@@ -26,6 +28,28 @@ class Optimizer:
     """Used when `[optimizer] name = "ManifoldMuon"`."""
 
 
+def _resumable_changes() -> tuple[str, ...]:
+    """Record keys (`titan.resume`) whose change on resume a user may allow."""
+    model = ("model.name", "model.flavor", "model.norm_type", "model.norm_bias")
+    variant = tuple(f"{s}.{f.name}" for s, cls in (("geonorm", GeoNormConfig), ("peri_ln", PeriLNConfig))
+                    for f in fields(cls))
+    return model + variant
+
+
+@dataclass
+class Checkpoint:
+    allow_resume_changes: list[str] = field(default_factory=list)
+    """Keys that may differ from the checkpoint's on resume (e.g. `["geonorm.theta_max"]`).
+    Without them a resume with another model, flavor, norm or variant setting is refused.
+    Optimizer settings cannot be listed: torchtitan restores them from the checkpoint."""
+
+    def validate(self) -> None:
+        allowed = _resumable_changes()
+        for key in self.allow_resume_changes:
+            require(key in allowed, "checkpoint.allow_resume_changes", self.allow_resume_changes,
+                    f"{key!r} is not one of {allowed} (optimizer settings cannot change on resume)")
+
+
 @dataclass
 class Metrics:
     enable_jsonl: bool = True
@@ -38,6 +62,7 @@ class JobConfig:
     training: TrainingExtras = field(default_factory=TrainingExtras)
     validation: ValidationExtras = field(default_factory=ValidationExtras)
     optimizer: Optimizer = field(default_factory=Optimizer)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
     geonorm: GeoNormConfig = field(default_factory=GeoNormConfig)
     peri_ln: PeriLNConfig = field(default_factory=PeriLNConfig)

@@ -9,6 +9,7 @@ once.
 
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -18,6 +19,7 @@ from torchtitan.protocols.train_spec import get_train_spec
 
 from titan_geonorm.checks import ConfigError, require
 from titan_geonorm.optim.config import ManifoldMuonConfig
+from titan_geonorm.titan.resume import check_resume
 
 
 OPTIMIZERS = ("Adam", "AdamW", "ManifoldMuon")
@@ -36,17 +38,23 @@ def check_model(job_config) -> None:
     try:
         spec = get_train_spec(name)
     except ValueError as e:
-        raise ConfigError(f"model.name = {name!r} is not a registered train spec ({e})") from None
+        raise ConfigError(f"model.name = {name!r}: not a registered train spec ({e})") from None
     if flavor not in spec.model_args:
         raise ConfigError(
-            f"model.flavor = {flavor!r} is not a flavor of {name!r}; "
+            f"model.flavor = {flavor!r}: not a flavor of model.name = {name!r}; "
             f"choose one of {sorted(spec.model_args)}"
         )
 
 
+def _world_size_source(job_config) -> str:
+    """Where the world size comes from, for messages."""
+    if job_config.comm.mode in ("fake_backend", "local_tensor"):
+        return f"NGPU = {_world_size(job_config)} (comm.mode = {job_config.comm.mode!r})"
+    return f"the world size {_world_size(job_config)} (WORLD_SIZE: torchrun --nnodes x --nproc-per-node)"
+
+
 def check_parallelism(job_config) -> None:
     p = job_config.parallelism
-    world = _world_size(job_config)
     degrees = {
         "parallelism.data_parallel_replicate_degree": p.data_parallel_replicate_degree,
         "parallelism.tensor_parallel_degree": p.tensor_parallel_degree,
@@ -54,27 +62,22 @@ def check_parallelism(job_config) -> None:
         "parallelism.pipeline_parallel_degree": p.pipeline_parallel_degree,
     }
     for key, d in degrees.items():
-        if d < 1:
-            raise ConfigError(f"{key} = {d} must be >= 1")
-    others = 1
-    for d in degrees.values():
-        others *= d
-    shard = p.data_parallel_shard_degree
+        require(d >= 1, key, d, "must be >= 1")
+    others = math.prod(degrees.values())
+    product = " x ".join(f"{key} = {d}" for key, d in degrees.items())
+    world, shard = _world_size(job_config), p.data_parallel_shard_degree
     if shard == -1:
         if world % others:
             raise ConfigError(
-                f"world size {world} is not divisible by dp_replicate * tp * cp * pp = {others} "
-                "(parallelism.data_parallel_shard_degree = -1 fills the rest)"
+                f"{product} (= {others}) does not divide {_world_size_source(job_config)}; "
+                "parallelism.data_parallel_shard_degree = -1 fills the rest"
             )
     elif shard < 1:
-        raise ConfigError(f"parallelism.data_parallel_shard_degree = {shard} must be -1 or >= 1")
+        raise ConfigError(f"parallelism.data_parallel_shard_degree = {shard}: must be -1 or >= 1")
     elif shard * others != world:
         raise ConfigError(
-            f"parallelism degrees multiply to {shard * others} "
-            f"(data_parallel_shard_degree {shard} x replicate {p.data_parallel_replicate_degree} "
-            f"x tensor_parallel {p.tensor_parallel_degree} x context_parallel "
-            f"{p.context_parallel_degree} x pipeline_parallel {p.pipeline_parallel_degree}) "
-            f"but the world size is {world}"
+            f"parallelism.data_parallel_shard_degree = {shard} x {product} = {shard * others}, "
+            f"but {_world_size_source(job_config)} differs"
         )
 
 
@@ -83,7 +86,7 @@ def check_vocab(job_config) -> None:
     vocab = get_train_spec(job_config.model.name).model_args[job_config.model.flavor].vocab_size
     path = job_config.model.hf_assets_path
     if path and not os.path.isdir(path):
-        raise ConfigError(f"model.hf_assets_path = {path!r} is not a folder")
+        raise ConfigError(f"model.hf_assets_path = {path!r}: not a folder")
     tokenizer_json = os.path.join(path or "", "tokenizer.json")
     if path and os.path.isfile(tokenizer_json):
         from tokenizers import Tokenizer
@@ -100,16 +103,28 @@ def check_vocab(job_config) -> None:
         )
 
 
+def check_stock_model_keys(job_config) -> None:
+    """torchtitan's own llama3 (no block variant) has RMSNorm only: refuse keys it would ignore."""
+    args = get_train_spec(job_config.model.name).model_args[job_config.model.flavor]
+    if hasattr(args, "block"):
+        return
+    m = job_config.model
+    for key, value, default in (("norm_type", m.norm_type, "rmsnorm"), ("norm_bias", m.norm_bias, False)):
+        require(value == default, f"model.{key}", value,
+                f"model.name = {m.name!r} (torchtitan's llama3) has RMSNorm without bias only; "
+                "use llama3_preln for the same model with another norm")
+
+
 def check_seed_checkpoint(job_config) -> None:
     if not job_config.checkpoint.create_seed_checkpoint:
         return
     if _world_size(job_config) != 1:
         raise ConfigError(
-            "checkpoint.create_seed_checkpoint needs a single process (unsharded weights); "
-            f"got world size {_world_size(job_config)}"
+            "checkpoint.create_seed_checkpoint = true needs a single process (unsharded weights), "
+            f"not {_world_size_source(job_config)}"
         )
     if not job_config.checkpoint.enable:
-        raise ConfigError("checkpoint.create_seed_checkpoint needs checkpoint.enable = true")
+        raise ConfigError("checkpoint.create_seed_checkpoint = true needs checkpoint.enable = true")
 
 
 def run_preflight(job_config) -> None:
@@ -117,6 +132,7 @@ def run_preflight(job_config) -> None:
 
     check_types(job_config)
     check_model(job_config)
+    check_stock_model_keys(job_config)
     check_ranges(job_config)
     check_sections(job_config)
     check_parallelism(job_config)
@@ -124,6 +140,7 @@ def run_preflight(job_config) -> None:
     check_seed_checkpoint(job_config)
     check_geometry_routing(job_config)
     check_vocab(job_config)
+    check_resume(job_config)
     try:
         validate_data_config(job_config)
     except ConfigError:
@@ -190,10 +207,12 @@ def check_ranges(job_config) -> None:
         require(value >= 1, key, value, "must be >= 1")
     require(t.global_batch_size == -1 or t.global_batch_size >= 1, "training.global_batch_size",
              t.global_batch_size, "must be -1 (local_batch_size x data-parallel degree) or >= 1")
-    require(t.max_norm > 0, "training.max_norm", t.max_norm, "must be > 0")
-    require(o.lr >= 0, "optimizer.lr", o.lr, "must be >= 0")
-    require(o.eps > 0, "optimizer.eps", o.eps, "must be > 0")
-    require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
+    finite = math.isfinite
+    require(finite(t.max_norm) and t.max_norm > 0, "training.max_norm", t.max_norm, "must be a finite number > 0")
+    require(finite(o.lr) and o.lr >= 0, "optimizer.lr", o.lr, "must be a finite number >= 0")
+    require(finite(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "must be a finite number > 0")
+    require(finite(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay,
+            "must be a finite number >= 0")
     for key in ("beta1", "beta2"):
         value = getattr(o, key)
         require(0 <= value < 1, f"optimizer.{key}", value, "must be in [0, 1)")
@@ -209,9 +228,9 @@ def check_ranges(job_config) -> None:
         require(c.keep_latest_k == 0 or c.keep_latest_k >= 2, "checkpoint.keep_latest_k",
                  c.keep_latest_k, "must be 0 (keep all) or >= 2 (the newest may be mid-save)")
     v = job_config.validation
-    if v.enable:
-        require(v.freq >= 1, "validation.freq", v.freq, "must be >= 1")
-        require(v.steps == -1 or v.steps >= 1, "validation.steps", v.steps, "must be -1 or >= 1")
+    # Checked whether or not validation is enabled: torchtitan asserts on them when building.
+    require(v.freq >= 1, "validation.freq", v.freq, "must be >= 1")
+    require(v.steps == -1 or v.steps >= 1, "validation.steps", v.steps, "must be -1 or >= 1")
 
 
 def plugin_sections(job_config) -> list[tuple[object, type]]:
@@ -262,13 +281,17 @@ def check_combinations(job_config) -> None:
                           f"{n_kv_heads} key/value heads of model.flavor = {job_config.model.flavor!r}")
     divisor = tp * 2 * p.context_parallel_degree
     if t.seq_len % divisor:
-        raise ConfigError(f"training.seq_len = {t.seq_len} must be divisible by tensor_parallel_degree "
-                          f"x 2 x context_parallel_degree = {divisor} (sequence parallelism)")
+        raise ConfigError(
+            f"training.seq_len = {t.seq_len}: must be divisible by parallelism.tensor_parallel_degree = "
+            f"{tp} x 2 x parallelism.context_parallel_degree = {p.context_parallel_degree} (= {divisor}, "
+            "sequence parallelism)"
+        )
     dp = _dp_degree(job_config)
     if t.global_batch_size != -1 and t.global_batch_size % (t.local_batch_size * dp):
         raise ConfigError(
-            f"training.global_batch_size = {t.global_batch_size} is not a multiple of "
-            f"training.local_batch_size x data-parallel degree = {t.local_batch_size} x {dp}"
+            f"training.global_batch_size = {t.global_batch_size}: must be a multiple of "
+            f"training.local_batch_size = {t.local_batch_size} x the data-parallel degree {dp} "
+            "(parallelism.data_parallel_shard_degree x parallelism.data_parallel_replicate_degree)"
         )
     if (job_config.compile.enable and tp > 1 and not torch.cuda.is_available()
             and torch.__version__.startswith(_COMPILE_TP_BROKEN_ON_CPU)):
@@ -281,8 +304,9 @@ def check_combinations(job_config) -> None:
     v = job_config.validation
     if v.enable and v.steps == -1 and _world_size(job_config) > 1:
         raise ConfigError(
-            "validation.steps = -1 (whole held-out split) with more than one rank can hang when "
-            "ranks hold different numbers of batches: set a positive validation.steps"
+            "validation.steps = -1 (whole held-out split) with validation.enable = true and "
+            f"{_world_size_source(job_config)} can hang when ranks hold different numbers of "
+            "batches: set a positive validation.steps"
         )
 
 
@@ -334,4 +358,7 @@ def check_geometry_routing(job_config) -> None:
     try:
         assign_geometries(model.named_parameters(), mm.preset, mm.rules)
     except ValueError as e:
-        raise ConfigError(f"optimizer.manifold_muon.rules / preset: {e}") from None
+        raise ConfigError(
+            f"optimizer.manifold_muon.rules = {mm.rules!r} with optimizer.manifold_muon.preset = "
+            f"{mm.preset!r}: {e}"
+        ) from None

@@ -28,6 +28,7 @@ from torchtitan.train import Trainer
 
 from titan_geonorm.diagnostics import build_diagnostics
 from titan_geonorm.optim.routing import clean_name
+from titan_geonorm.titan.resume import RECORD_KEY, RunRecord
 
 class DivergenceError(RuntimeError):
     """A step produced a non-finite loss or gradient and `[divergence] action` says stop."""
@@ -52,6 +53,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class GeoNormTrainer(Trainer):
     def __init__(self, job_config) -> None:
         super().__init__(job_config)
+        # Saved in every checkpoint beside the weights; compared on resume by preflight.
+        self.checkpointer.states[RECORD_KEY] = RunRecord(job_config)
         self.divergence = job_config.divergence
         self.consecutive_skips = 0
         self.skipped_steps = 0
