@@ -28,3 +28,9 @@ grep -qxF /.whl/ .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclu
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "${WHEELS[@]}"
 ls -l .whl
 du -sh .whl
+# Other wheels may share the folder; two versions of one package make the install there stop.
+dups=$(for f in .whl/*.whl; do basename "$f" | cut -d- -f1; done | sort | uniq -d)
+if [ -n "$dups" ]; then
+    echo "gpu_wheels.sh: several versions in .whl of: $dups; keep one of each" >&2
+    exit 1
+fi
