@@ -36,6 +36,7 @@ VARIANTS = [
                               "geonorm": GeoNormConfig(learnable_step=False, step_init=0.7,
                                                        decay_index="block", ffn_decay="harmonic")},
      "TitanGeoNormForCausalLM"),
+    ("ngpt", "rmsnorm", {}, "TitanGeoNormForCausalLM"),
 ]
 
 
@@ -75,7 +76,7 @@ def test_variant_logits_and_generate_match(make_variant, tokenizer_dir, tmp_path
     assert generated.tolist() == greedy(model, prompt, 20).tolist()
 
 
-@pytest.mark.parametrize("block", ["post", "geonorm"])
+@pytest.mark.parametrize("block", ["post", "geonorm", "ngpt"])
 def test_kv_cache_steps_equal_full_forward(make_variant, tokenizer_dir, tmp_path, block):
     """Decoding token by token from the DynamicCache gives the logits of one full forward."""
     model, args = make_variant(block)

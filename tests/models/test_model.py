@@ -136,6 +136,14 @@ EXTRA_NAMES = {
     "post": set(),
     "peri": {"layers.0.attention_out_norm.weight", "layers.0.ffn_out_norm.weight", "emb_norm.weight"},
     "geonorm": {"layers.0.attention_step.step", "layers.0.ffn_step.step"},
+    "ngpt": {f"layers.0.{n}" for n in ("attention.wq.scale", "attention.wk.scale", "attention_update.alpha",
+                                        "feed_forward.w1.scale", "feed_forward.w3.scale",
+                                        "ffn_update.alpha")},
+}
+# nGPT normalizes without norm layers; its `norm` is the logit scale s_z.
+MISSING_NAMES = {
+    "post": {"norm.weight"},
+    "ngpt": {"norm.weight", *(f"layers.{i}.{n}_norm.weight" for i in range(3) for n in ("attention", "ffn"))},
 }
 
 
@@ -143,9 +151,7 @@ EXTRA_NAMES = {
 def test_parameter_names(block):
     names = {n for n, _ in build(block, embedding_norm=True).named_parameters()}
     llama = {n for n, _ in Transformer(TransformerModelArgs(**SHAPE)).named_parameters()}
-    if block == "post":
-        llama.discard("norm.weight")
-    assert llama <= names
+    assert llama - names == MISSING_NAMES.get(block, set())
     assert {n for n in names - llama if n.startswith(("emb_norm", "layers.0."))} == EXTRA_NAMES[block]
     fixed = build(block, geonorm=_geonorm_cfg(learnable_step=False))
     assert not any(n.endswith("_step.step") for n, _ in fixed.named_parameters())

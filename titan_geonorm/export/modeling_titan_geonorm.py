@@ -13,7 +13,9 @@ op, so that logits match the training model's:
   transformers `DynamicCache` for `generate()`;
 - blocks (N = RMSNorm or LayerNorm, F = attention or SwiGLU):
   pre `h + F(N(h))`, post `N(h + F(h))`, peri `h + N_out(F(N_in(h)))`,
-  geonorm `exp_h(a_k s(k) tangent(F(g * h)))` (a geodesic step on the sphere of radius ||h||).
+  geonorm `exp_h(a_k s(k) tangent(F(g * h)))` (a geodesic step on the sphere of radius ||h||),
+  ngpt `N(h + alpha (N(F(h)) - h))` (nGPT, `titan_geonorm.ngpt`: unit q/k per head, scaled MLP
+  and logits, no norm layers).
 """
 
 import math
@@ -25,7 +27,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-BLOCKS = ("pre", "post", "peri", "geonorm")
+BLOCKS = ("pre", "post", "peri", "geonorm", "ngpt")
 NORM_TYPES = ("rmsnorm", "layernorm")
 
 
@@ -204,19 +206,23 @@ class Attention(nn.Module):
         self.wk = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+        self.softmax_scale = None  # SDPA's 1/sqrt(head_dim)
+
+    def rotate_qk(self, xq, xk, rotations):
+        return apply_rope(xq, rotations), apply_rope(xk, rotations)
 
     def forward(self, x, rotations, mask, cache: Cache | None):
         bs, seqlen, _ = x.shape
         xq = self.wq(x).view(bs, seqlen, -1, self.head_dim)
         xk = self.wk(x).view(bs, seqlen, -1, self.head_dim)
         xv = self.wv(x).view(bs, seqlen, -1, self.head_dim)
-        xq, xk = apply_rope(xq, rotations), apply_rope(xk, rotations)
+        xq, xk = self.rotate_qk(xq, xk, rotations)
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
         if cache is not None:
             xk, xv = cache.update(xk, xv, self.layer_idx)
         # Without a cached prefix or padding this is exactly the training call (is_causal).
         out = F.scaled_dot_product_attention(
-            xq, xk, xv, attn_mask=mask, is_causal=mask is None,
+            xq, xk, xv, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
             enable_gqa=self.n_heads > self.n_kv_heads,
         )
         return self.wo(out.transpose(1, 2).contiguous().view(bs, seqlen, -1))
@@ -273,6 +279,91 @@ class PeriLNBlock(Block):
         return h + self.ffn_out_norm(self.feed_forward(self.ffn_norm(h)))
 
 
+class ScaledLinear(nn.Linear):
+    """nGPT's bias-free Linear with a per-output scale `s = scale * s_init / s_scale`: forward
+    `multiplier * s * (W x)`, or `W x` when the attention applies `s` itself (q, k)."""
+
+    def __init__(self, in_features, out_features, s_init, s_scale, multiplier=1.0, scale_output=True):
+        super().__init__(in_features, out_features, bias=False)
+        self.s_init, self.s_scale, self.multiplier = s_init, s_scale, multiplier
+        self.scale_output = scale_output
+        self.scale = nn.Parameter(torch.full((out_features,), s_scale))
+
+    def value(self):
+        return self.scale * (self.s_init / self.s_scale) * self.multiplier
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y * self.value().to(y.dtype) if self.scale_output else y
+
+
+def unit(x, dim=-1):
+    """`x / ||x||` along `dim`, in fp32 or wider."""
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (x32 / torch.linalg.vector_norm(x32, dim=dim, keepdim=True).clamp_min(1e-12)).to(x.dtype)
+
+
+class NGPTAttention(Attention):
+    """q, k: `s * unit(RoPE(W x))` per head; softmax scale sqrt(head_dim)."""
+
+    def __init__(self, config: TitanGeoNormConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        dim, s_scale = config.hidden_size, 1 / math.sqrt(config.hidden_size)
+        self.wq = ScaledLinear(dim, self.n_heads * self.head_dim, 1.0, s_scale, scale_output=False)
+        self.wk = ScaledLinear(dim, self.n_kv_heads * self.head_dim, 1.0, s_scale, scale_output=False)
+        self.softmax_scale = math.sqrt(self.head_dim)
+
+    def rotate_qk(self, xq, xk, rotations):
+        xq, xk = super().rotate_qk(xq, xk, rotations)
+        s_q, s_k = (w.value().view(-1, self.head_dim) for w in (self.wq, self.wk))
+        return unit(xq) * s_q.to(xq.dtype), unit(xk) * s_k.to(xk.dtype)
+
+
+class NormalizedUpdate(nn.Module):
+    """`unit(h + alpha (unit(u) - h))`, alpha = `alpha * 0.05 sqrt(d)` (init 1/sqrt(d)), in fp32."""
+
+    def __init__(self, config: TitanGeoNormConfig):
+        super().__init__()
+        self.s_init, self.s_scale = 0.05, 1 / math.sqrt(config.hidden_size)
+        self.alpha = nn.Parameter(torch.full((config.hidden_size,), self.s_scale))
+
+    def forward(self, h, u):
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        h32, alpha = h.to(dtype), (self.alpha * (self.s_init / self.s_scale)).to(dtype)
+        return unit(h32 + alpha * (unit(u.to(dtype)) - h32)).to(h.dtype)
+
+
+class LogitScale(nn.Module):
+    """`s_z * h`, s_z = `scale * sqrt(d)` (init 1/sqrt(d)): the head then gives `s_z * (E_out h)`."""
+
+    def __init__(self, config: TitanGeoNormConfig):
+        super().__init__()
+        self.s_scale = 1 / math.sqrt(config.hidden_size)
+        self.scale = nn.Parameter(torch.full((1,), self.s_scale))
+
+    def forward(self, h):
+        return h * (self.scale / self.s_scale).to(h.dtype)
+
+
+class NGPTBlock(Block):
+    """`h <- unit(h + alpha (unit(F(h)) - h))` for attention then the MLP, whose gate w1 and up
+    projection w3 are scaled by `s_v sqrt(d)` and `s_u`; no norm layers."""
+
+    def __init__(self, config: TitanGeoNormConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        del self.attention_norm, self.ffn_norm
+        dim, hidden = config.hidden_size, config.intermediate_size
+        self.attention = NGPTAttention(config, layer_idx)
+        self.feed_forward.w1 = ScaledLinear(dim, hidden, 1.0, 1.0, multiplier=math.sqrt(dim))
+        self.feed_forward.w3 = ScaledLinear(dim, hidden, 1.0, 1.0)
+        self.attention_update = NormalizedUpdate(config)
+        self.ffn_update = NormalizedUpdate(config)
+
+    def forward(self, x, rotations, mask, cache):
+        h = self.attention_update(x, self.attention(x, rotations, mask, cache))
+        return self.ffn_update(h, self.feed_forward(h))
+
+
 class GeoNormBlock(Block):
     """Two geodesic steps, attention then FFN, each on the update `F(g * h)`."""
 
@@ -290,7 +381,8 @@ class GeoNormBlock(Block):
         return self.ffn_step(h, self.feed_forward(self.ffn_norm(h)))
 
 
-BLOCK_CLASSES = {"pre": PreLNBlock, "post": PostLNBlock, "peri": PeriLNBlock, "geonorm": GeoNormBlock}
+BLOCK_CLASSES = {"pre": PreLNBlock, "post": PostLNBlock, "peri": PeriLNBlock, "geonorm": GeoNormBlock,
+                 "ngpt": NGPTBlock}
 
 
 def attention_mask_for(attention_mask, q_len: int, kv_len: int, device) -> torch.Tensor | None:
@@ -313,7 +405,7 @@ def attention_mask_for(attention_mask, q_len: int, kv_len: int, device) -> torch
 class TitanGeoNormPreTrainedModel(PreTrainedModel):
     config_class = TitanGeoNormConfig
     base_model_prefix = "model"
-    _no_split_modules = ["PreLNBlock", "PostLNBlock", "PeriLNBlock", "GeoNormBlock"]
+    _no_split_modules = ["PreLNBlock", "PostLNBlock", "PeriLNBlock", "GeoNormBlock", "NGPTBlock"]
     _supports_sdpa = True
 
     def _init_weights(self, module):
@@ -325,6 +417,12 @@ class TitanGeoNormPreTrainedModel(PreTrainedModel):
         elif isinstance(module, GeodesicStep):
             if module.step is not None:
                 nn.init.constant_(module.step, module.step_init)
+        elif isinstance(module, (NormalizedUpdate, LogitScale)):
+            for p in module.parameters():
+                nn.init.constant_(p, module.s_scale)
+        elif isinstance(module, ScaledLinear):
+            super()._init_weights(module)
+            nn.init.constant_(module.scale, module.s_scale)
         else:
             super()._init_weights(module)
 
@@ -340,6 +438,8 @@ class TitanGeoNormModel(TitanGeoNormPreTrainedModel):
         self.layers = nn.ModuleList(block_cls(config, i) for i in range(config.num_hidden_layers))
         if config.block == "post":
             self.norm = None
+        elif config.block == "ngpt":
+            self.norm = LogitScale(config)
         elif config.block == "geonorm":
             self.norm = Gain(config.hidden_size, config.norm_bias and config.norm_type == "layernorm")
         else:
