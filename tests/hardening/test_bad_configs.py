@@ -1,6 +1,7 @@
 """Table of bad configs: each is refused by the preflight checks, before any process group, model
 or data exists, with a message naming the offending key."""
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -21,17 +22,17 @@ CASES = [
      "activation_checkpoint.mode = 'sometimes'"),
     ("skips-type", {"divergence": {"max_consecutive_skips": 2.5}}, (), 1,
      "divergence.max_consecutive_skips = 2.5"),
-    ("learnable-step-type", {"geonorm": {"learnable_step": "yes"}}, (), 1, "geonorm.learnable_step"),
+    ("learnable-step-type", {"geonorm": {"learnable_step": "yes"}}, (), 1, "geonorm.learnable_step = 'yes'"),
     ("rules-type", {"optimizer": {"manifold_muon": {"rules": "wq=dgram"}}}, (), 1,
-     "optimizer.manifold_muon.rules"),
+     "optimizer.manifold_muon.rules = 'wq=dgram'"),
     ("steps-zero", {}, ("--training.steps", "0"), 1, "training.steps = 0"),
     ("batch-zero", {}, ("--training.local_batch_size", "0"), 1, "training.local_batch_size = 0"),
     ("max-norm-zero", {}, ("--training.max_norm", "0"), 1, "training.max_norm = 0"),
     ("lr-negative", {}, ("--optimizer.lr=-0.001",), 1, "optimizer.lr = -0.001"),
     ("beta2-one", {}, ("--optimizer.beta2", "1.0"), 1, "optimizer.beta2 = 1.0"),
-    ("weight-decay-negative", {}, ("--optimizer.weight_decay=-0.1",), 1, "optimizer.weight_decay"),
+    ("weight-decay-negative", {}, ("--optimizer.weight_decay=-0.1",), 1, "optimizer.weight_decay = -0.1"),
     ("optimizer-name", {}, ("--optimizer.name", "SGD"), 1, "optimizer.name = 'SGD'"),
-    ("min-lr-factor", {}, ("--lr_scheduler.min_lr_factor", "2"), 1, "lr_scheduler.min_lr_factor"),
+    ("min-lr-factor", {}, ("--lr_scheduler.min_lr_factor", "2"), 1, "lr_scheduler.min_lr_factor = 2"),
     ("checkpoint-interval", {}, ("--checkpoint.enable", "--checkpoint.interval", "0"), 1,
      "checkpoint.interval = 0"),
     ("keep-latest-1", {}, ("--checkpoint.enable", "--checkpoint.keep_latest_k", "1"), 1,
@@ -42,19 +43,29 @@ CASES = [
     ("theta-max", {}, ("--geonorm.theta_max", "4"), 1, "geonorm.theta_max = 4"),
     ("decay-index", {}, ("--geonorm.decay_index", "layer"), 1, "geonorm.decay_index = 'layer'"),
     ("divergence-action", {}, ("--divergence.action", "ignore"), 1, "divergence.action = 'ignore'"),
-    ("inject-step", {}, ("--divergence.inject_nan_at_step", "0"), 1, "divergence.inject_nan_at_step"),
+    ("inject-step", {}, ("--divergence.inject_nan_at_step", "0"), 1, "divergence.inject_nan_at_step = 0"),
     ("mm-momentum", {}, ("--optimizer.manifold_muon.momentum", "1.0"), 1,
-     "optimizer.manifold_muon.momentum"),
-    ("mm-preset", {}, ("--optimizer.manifold_muon.preset", "foo"), 1, "optimizer.manifold_muon.preset"),
+     "optimizer.manifold_muon.momentum = 1.0"),
+    ("mm-preset", {}, ("--optimizer.manifold_muon.preset", "foo"), 1,
+     "optimizer.manifold_muon.preset = 'foo'"),
     ("dgram-on-1d", {}, (*MM, "--optimizer.manifold_muon.rules", "norm=dgram"), 1,
-     "optimizer.manifold_muon.rules"),
+     "optimizer.manifold_muon.rules = ['norm=dgram']"),
     ("flavor", {}, ("--model.flavor", "13B"), 1, "model.flavor = '13B'"),
     ("degrees-vs-world", {}, ("--parallelism.data_parallel_shard_degree", "3"), 2,
-     "parallelism degrees multiply to 3"),
+     "parallelism.data_parallel_shard_degree = 3 x parallelism.data_parallel_replicate_degree = 1"),
+    ("tp-vs-world", {}, ("--parallelism.tensor_parallel_degree", "3"), 2,
+     "parallelism.tensor_parallel_degree = 3"),
+    ("lr-inf", {}, ("--optimizer.lr", "inf"), 1, "optimizer.lr = inf"),
+    ("validation-steps-zero", {}, ("--validation.steps", "0"), 1,
+     "validation.steps: validation steps must be positive or -1"),
+    ("stock-llama3-layernorm", {}, ("--model.norm_type", "layernorm"), 1,
+     "model.norm_type = 'layernorm': model.name = 'llama3_titan'"),
+    ("allow-resume-optimizer", {}, ("--checkpoint.allow_resume_changes", "optimizer.lr"), 1,
+     "checkpoint.allow_resume_changes = ['optimizer.lr']"),
     ("tp-vs-heads", {}, ("--parallelism.tensor_parallel_degree", "3"), 3,
-     "tensor_parallel_degree = 3 does not divide the 4 attention heads"),
+     "parallelism.tensor_parallel_degree = 3 does not divide the 4 attention heads"),
     ("tp-vs-kv-heads", {}, ("--parallelism.tensor_parallel_degree", "4"), 4,
-     "tensor_parallel_degree = 4 does not divide the 2 key/value heads"),
+     "parallelism.tensor_parallel_degree = 4 does not divide the 2 key/value heads"),
     ("seq-len-vs-tp", {}, ("--parallelism.tensor_parallel_degree", "2", "--training.seq_len", "66"), 2,
      "training.seq_len = 66"),
     ("compile-with-tp-on-cpu", {}, ("--parallelism.tensor_parallel_degree", "2", "--compile.enable"), 2,
@@ -110,11 +121,16 @@ def config_file(additions: dict, path):
 def test_bad_config_is_refused(additions, overrides, world, expected, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", str(world))
     path = config_file(additions, tmp_path / "job.toml")
-    job_config = parse_config(["--job.config_file", str(path), "--job.dump_folder",
-                               str(tmp_path / "dump"), *overrides])
     with pytest.raises(ConfigError) as info:
+        job_config = parse_config(["--job.config_file", str(path), "--job.dump_folder",
+                                   str(tmp_path / "dump"), *overrides])
         run_preflight(job_config)
     assert expected in str(info.value)
+
+
+def test_every_expected_message_names_a_full_key_and_its_value():
+    for case_id, *_, expected in CASES:
+        assert re.search(r"\b[a-z_]+\.[a-z0-9_.]+( = \S|: )", expected), case_id
 
 
 def test_table_is_large_enough():

@@ -7,6 +7,7 @@ and checked (`titan_geonorm.titan.preflight`) before any process group, model or
 bad config exits with status 2 and a one-line message naming the key.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -59,6 +60,21 @@ def parse_config(argv: list[str]):
         return ConfigManager().parse_args(plugin_args(argv))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    except AssertionError as e:
+        # torchtitan's own checks assert with prose ("validation steps must be ..."): name the key.
+        raise ConfigError(f"{_key_named_in(str(e))}: {e} (torchtitan's check)") from None
+
+
+def _key_named_in(message: str) -> str:
+    """The `section.key` whose words a torchtitan assertion message spells out, if one does."""
+    from torchtitan.config import JobConfig
+
+    words = message.lower().replace("_", " ")
+    for section in dataclasses.fields(JobConfig):
+        for f in dataclasses.fields(section.type):
+            if f"{section.name} {f.name.replace('_', ' ')}" in words:
+                return f"{section.name}.{f.name}"
+    return "config"
 
 
 def run(job_config) -> None:
