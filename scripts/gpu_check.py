@@ -22,6 +22,7 @@ Writes `gpu_check.json`, `gpu_check.md` and `gpu_check.log` (tails of every subp
 import argparse
 import dataclasses
 import datetime
+import inspect
 import json
 import math
 import os
@@ -318,13 +319,25 @@ def geonorm_check(sizes: Sizes, device, gen) -> dict:
     # roundings are independent, so sqrt(steps) of them.
     step_tol = BF16_UNIT_ROUNDOFF
     chain_tol = BF16_UNIT_ROUNDOFF * math.sqrt(sizes.geonorm_steps)
-    return {
+    out = {
         "tokens": sizes.geonorm_tokens, "dim": dim, "steps": sizes.geonorm_steps, "dtype": "bfloat16",
         "max_rel_norm_change_per_step": worst_step, "step_tol": step_tol,
         "max_rel_norm_drift_chain": drift, "chain_tol": chain_tol,
         "zero_update_is_identity": same, "grads_finite": grads_finite,
         "ok": worst_step <= step_tol and drift <= chain_tol and same and grads_finite,
     }
+    if "radius" in inspect.signature(geodesic_step).parameters:
+        # The Pre-LN-equivalent radius: the new norm must be ||h + u|| (computed in fp32).
+        worst = 0.0
+        for _ in range(sizes.geonorm_steps):
+            u = randn(sizes.geonorm_tokens, dim, dtype=bf16) * 0.1
+            new = geodesic_step(h, u, 1.0, radius="prenorm")
+            target = (h.float() + u.float()).norm(dim=-1)
+            worst = max(worst, (new.float().norm(dim=-1) / target - 1).abs().max().item())
+            h = new
+        out["prenorm_max_rel_norm_error_per_step"] = worst
+        out["ok"] = out["ok"] and worst <= step_tol
+    return out
 
 
 def manifold_check(geometry: str, shapes: dict, steps: int, device, gen) -> dict:
@@ -809,6 +822,10 @@ def markdown(report: dict) -> str:
                           fmt(g["max_rel_norm_drift_chain"], ".2e"), fmt(g["chain_tol"], ".2e"),
                           f"zero update exact: {fmt(g['zero_update_is_identity'])}, "
                           f"grads finite: {fmt(g['grads_finite'])}")]
+            if "prenorm_max_rel_norm_error_per_step" in g:
+                err = g["prenorm_max_rel_norm_error_per_step"]
+                lines.append(row("GeoNorm radius prenorm: max relative error of the new norm vs norm(h + u)",
+                                 fmt(err, ".2e"), fmt(g["step_tol"], ".2e"), fmt(err <= g["step_tol"])))
         elif g:
             lines.append(row("GeoNorm", g.get("status"), "", fmt(g.get("ok"))))
         for geometry in ("stiefel", "dgram"):
