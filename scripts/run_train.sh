@@ -23,6 +23,11 @@ else
     rdzv=(--standalone)
 fi
 
+# Check the config in one plain process first: a bad key exits 2 with one line naming it, before
+# torchrun starts (its agent reports any worker failure as a ChildFailedError and exits 1).
+WORLD_SIZE=$((NNODES * NGPU)) "${PYTHON:-python}" -m titan_geonorm.train --preflight-only \
+    --job.config_file "$CONFIG_FILE" "$@"
+
 # After a torchrun restart (--max-restarts), workers sharing the agent's rendezvous store see the
 # previous attempt's addresses and gloo fails with "connectFullMesh ... Connection refused"
 # (pytorch/pytorch#135712); a per-attempt store avoids it.

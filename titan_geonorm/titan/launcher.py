@@ -16,6 +16,7 @@ from titan_geonorm.titan.patches import apply_cpu_patches, apply_run_patches
 apply_cpu_patches()
 
 from titan_geonorm.titan import register  # noqa: E402  (after the CPU patches)
+from titan_geonorm.titan.lock import DumpFolderBusy, lock_dump_folder  # noqa: E402
 from titan_geonorm.titan.preflight import ConfigError, run_preflight  # noqa: E402
 
 apply_run_patches()
@@ -100,18 +101,38 @@ def run(job_config) -> None:
             dist.destroy_process_group()
 
 
+PREFLIGHT_ONLY = "--preflight-only"
+"""Check the config and exit (0, or 2 with the message) without building anything: what
+`scripts/run_train.sh` runs before torchrun, whose agent would turn exit status 2 into 1."""
+
+
 def main(argv: list[str] | None = None) -> None:
     from torchtitan.tools.logging import init_logger
 
     init_logger()
     argv = sys.argv[1:] if argv is None else argv
+    preflight_only = PREFLIGHT_ONLY in argv
+    argv = [a for a in argv if a != PREFLIGHT_ONLY]
     try:
         job_config = parse_config(argv)
         run_preflight(job_config)
     except ConfigError as e:
         print(f"titan_geonorm: invalid configuration: {e}", file=sys.stderr)
         sys.exit(2)
-    run(job_config)
+    if preflight_only:
+        return
+    lock = None
+    if int(os.environ.get("RANK", "0")) == 0 and job_config.comm.mode == "default":
+        try:
+            lock = lock_dump_folder(job_config.job.dump_folder)
+        except DumpFolderBusy as e:
+            print(f"titan_geonorm: {e}", file=sys.stderr)
+            sys.exit(2)
+    try:
+        run(job_config)
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 if __name__ == "__main__":
