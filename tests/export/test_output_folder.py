@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from tests.launch import REPO, TINY_CONFIG, env
 from titan_geonorm.evaluate import dcp_model
@@ -46,10 +47,12 @@ def test_reexport_sharded_into_single_file_folder(seed, trained, tmp_path):
     assert len(set(index["weight_map"].values())) > 1
     assert siblings(out) == ["fresh"], "temporary folders left behind"
 
-    # What transformers-style loading reads is step 4's weights, not the seed's.
+    # transformers loads step 4's weights, not the seed's (the issue's stale model.safetensors).
     model = dcp_model(load_job_config(TINY_CONFIG), step4)
-    loaded = read_weights(out)
-    assert loaded["model.embed_tokens.weight"].equal(model.tok_embeddings.weight)
+    loaded = AutoModelForCausalLM.from_pretrained(str(out)).model.embed_tokens.weight
+    assert loaded.equal(model.tok_embeddings.weight)
+    assert not loaded.equal(dcp_model(load_job_config(TINY_CONFIG), seed / "checkpoint" / "step-0")
+                            .tok_embeddings.weight)
 
 
 def test_cli_refuses_non_empty_output_before_reading(seed, tmp_path):
