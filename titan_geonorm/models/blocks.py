@@ -189,6 +189,110 @@ class PeriLNBlock(VariantBlock):
         return "glm4" if stock else "custom"
 
 
+class NGPTAttention(Attention):
+    """llama3's attention with nGPT's queries and keys (`titan_geonorm.ngpt`).
+
+    `s * N_head(RoPE(W x))` for q and k, `s` the scales of `wq`/`wk` (`ScaledLinear`s, so that
+    column-wise TP shards them with their heads), and softmax scale sqrt(head_dim).
+    """
+
+    def __init__(self, args: VariantModelArgs):
+        super().__init__(args)
+        s_scale = base_scale(args.dim)
+        self.wq = ScaledLinear(args.dim, self.n_heads * self.head_dim, 1.0, s_scale, scale_output=False)
+        self.wk = ScaledLinear(args.dim, self.n_kv_heads * self.head_dim, 1.0, s_scale, scale_output=False)
+
+    def forward(self, x, freqs_cis, attention_masks, positions=None):
+        bs, seqlen, _ = x.shape
+        shape = (bs, seqlen, -1, self.head_dim)
+        xq, xk = apply_rotary_emb(self.wq(x).view(shape), self.wk(x).view(shape), freqs_cis, positions)
+        xq = scale_heads(xq, _local(self.wq.value())).transpose(1, 2)
+        xk = scale_heads(xk, _local(self.wk.value())).transpose(1, 2)
+        xv = self.wv(x).view(shape).transpose(1, 2)
+        scale = math.sqrt(self.head_dim)
+        if self.attn_type == "varlen":  # packed (bs * seqlen, heads, head_dim) output
+            out = self.inner_attention(xq, xk, xv, attention_masks, scale=scale)
+        else:
+            mask = {"block_mask": attention_masks} if self.attn_type == "flex" else {}
+            out = self.inner_attention(xq, xk, xv, scale=scale, enable_gqa=self.enable_gqa, **mask)
+            out = out.transpose(1, 2)
+        return self.wo(out.contiguous().view(bs, seqlen, -1))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's heads of a TP-sharded scale (a plain tensor without TP)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class NGPTBlock(VariantBlock):
+    """nGPT: `h <- N(h + alpha (N(F(h)) - h))` for attention then MLP (`titan_geonorm.ngpt`).
+
+    No norm layers (`attention_norm`/`ffn_norm` are removed); `attention_update.alpha`,
+    `ffn_update.alpha` are the eigen learning rates; `attention.w{q,k}.scale` are s_q, s_k and
+    `feed_forward.w1.scale`, `feed_forward.w3.scale` are s_v (the SiLU gate) and s_u. The final
+    `norm` is the logit scale s_z. Weight matrices are kept unit along the model dim by
+    `after_optimizer_step`, the embeddings from init on.
+    """
+
+    variant = BlockVariant.NGPT
+    spec_name = "llama3_ngpt"
+    # Weight -> its embedding (model) dimension: the dimension its slices are normalized along.
+    EMBEDDING_DIM: ClassVar[dict[str, int]] = {
+        "attention.wq": 1, "attention.wk": 1, "attention.wv": 1, "attention.wo": 0,
+        "feed_forward.w1": 1, "feed_forward.w3": 1, "feed_forward.w2": 0,
+    }
+
+    def __init__(self, layer_id: int, args: VariantModelArgs):
+        super().__init__(layer_id, args)
+        del self.attention_norm, self.ffn_norm
+        self.attention = NGPTAttention(args)
+        hidden = self.feed_forward.w1.out_features
+        self.feed_forward.w1 = ScaledLinear(args.dim, hidden, 1.0, 1.0, multiplier=math.sqrt(args.dim))
+        self.feed_forward.w3 = ScaledLinear(args.dim, hidden, 1.0, 1.0)
+        self.attention_update = NormalizedUpdate(args.dim)
+        self.ffn_update = NormalizedUpdate(args.dim)
+
+    def forward(self, x, freqs_cis, attention_masks, positions=None):
+        h = self.attention_update(x, self.attention(x, freqs_cis, attention_masks, positions))
+        return self.ffn_update(h, self.feed_forward(h))
+
+    def init_weights(self):
+        self.attention.init_weights(self.weight_init_std)
+        self.feed_forward.init_weights(self.weight_init_std)
+        for linear in (self.attention.wq, self.attention.wk, self.feed_forward.w1, self.feed_forward.w3):
+            linear.reset_scale()
+        self.attention_update.reset_parameters()
+        self.ffn_update.reset_parameters()
+        self.normalize_weights()
+
+    def normalize_weights(self) -> None:
+        for name, dim in self.EMBEDDING_DIM.items():
+            normalize_(self.get_submodule(name).weight, dim)
+
+    @classmethod
+    def final_norm(cls, args: VariantModelArgs) -> nn.Module | None:
+        return LogitScale(args.dim)
+
+    @classmethod
+    @torch.no_grad()
+    def init_embeddings(cls, weight: torch.Tensor, args: VariantModelArgs) -> None:
+        normalize_(weight, 1)
+
+    @classmethod
+    def sequence_parallel_plan(cls) -> dict:
+        return {"attention_update": SequenceParallelUpdate(), "ffn_update": SequenceParallelUpdate()}
+
+    @classmethod
+    def after_optimizer_step(cls, model: nn.Module) -> None:
+        """Re-normalize every weight matrix; a pipeline stage may lack the embedding or head."""
+        for module in model.modules():
+            if isinstance(module, NGPTBlock):
+                module.normalize_weights()
+        for head in (model.tok_embeddings, model.output):
+            if head is not None:
+                normalize_(head.weight, 1)
+
+
 class GeoNormBlock(VariantBlock):
     """Two GeoNorm steps `h <- geodesic_step(h, F_k(N_k(h)), a_k s(k), ...)` (`[geonorm]`).
 
