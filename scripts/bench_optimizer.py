@@ -67,7 +67,8 @@ def arms(args) -> list[tuple[str, str, dict]]:
 
 def model_args(args) -> TransformerModelArgs:
     return TransformerModelArgs(
-        dim=args.dim, n_layers=args.layers, n_heads=args.dim // 32, n_kv_heads=args.dim // 64, vocab_size=args.vocab
+        dim=args.dim, n_layers=args.layers, n_heads=args.dim // 32, n_kv_heads=args.dim // 64,
+        vocab_size=args.vocab,
     )
 
 

@@ -34,7 +34,8 @@ def test_embedding_and_head_by_name_not_shape():
     # A square head shaped like wq must still go to AdamW.
     params = [("output.weight", torch.nn.Parameter(torch.zeros(64, 64))),
               ("layers.0.attention.wq.weight", torch.nn.Parameter(torch.zeros(64, 64)))]
-    assert assign_geometries(params, "hetero") == {"output.weight": "adamw", "layers.0.attention.wq.weight": "stiefel"}
+    expected = {"output.weight": "adamw", "layers.0.attention.wq.weight": "stiefel"}
+    assert assign_geometries(params, "hetero") == expected
 
 
 def test_wrapper_prefixes_are_removed():
