@@ -15,7 +15,13 @@ from pathlib import Path
 
 import torch
 
-from titan_geonorm.export.hf import (
+from titan_geonorm.titan.patches import apply_cpu_patches
+
+# The export reads configs and builds models through torchtitan, which fixes its device type at
+# its first import (below): on a CPU-only host the CPU patches must come first.
+apply_cpu_patches()
+
+from titan_geonorm.export.hf import (  # noqa: E402
     atomic_folder,
     check_output,
     hf_config,
@@ -23,7 +29,7 @@ from titan_geonorm.export.hf import (
     read_weights,
     write_hf_folder,
 )
-from titan_geonorm.export.load import (
+from titan_geonorm.export.load import (  # noqa: E402
     build_model_args,
     check_state_dict,
     load_checkpoint,
@@ -32,7 +38,7 @@ from titan_geonorm.export.load import (
     save_checkpoint,
     tokenizer_folder,
 )
-from titan_geonorm.export.mapping import Target, block_of, from_hf, select_target, to_hf
+from titan_geonorm.export.mapping import Target, block_of, from_hf, select_target, to_hf  # noqa: E402
 
 __all__ = ["DTYPES", "Target", "export_checkpoint", "export_state_dict", "import_state_dict",
            "import_to_dcp"]
