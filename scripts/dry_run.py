@@ -172,6 +172,12 @@ def estimate(model: str, flavor: str, ngpu: int, tp: int, manifold_preset: str =
     rules = [(re.compile(p), g) for p, g in PRESETS[manifold_preset]]
     dp = ngpu // tp
     total = shard_sum = matrix_shard = other_shard = dual = unit_moves = 0
+    from titan_geonorm.optim.config import ManifoldMuonConfig
+
+    # Only the dual-ascent solvers keep a Lambda per matrix; the default solvers keep momentum only.
+    solvers = ManifoldMuonConfig().resolved()
+    dual_geometries = {g for g, solver in (("stiefel", solvers.stiefel_solver), ("dgram", solvers.dgram_solver))
+                       if solver == "dual_ascent"}
     for name, shape in shapes(model, flavor).items():
         numel = 1
         for d in shape:
@@ -184,7 +190,7 @@ def estimate(model: str, flavor: str, ngpu: int, tp: int, manifold_preset: str =
             other_shard += shard
             continue
         matrix_shard += shard
-        lam = min(shape) ** 2 if geometry in ("stiefel", "dgram") else 0
+        lam = min(shape) ** 2 if geometry in dual_geometries else 0
         dual += lam / ngpu
         unit_moves += (2 * numel + lam) / ngpu
     gib = 2**30
