@@ -57,7 +57,7 @@ def assert_greedy(model, generated: torch.Tensor, n_prompt: int, tol: float = 1e
 
 
 @pytest.mark.parametrize("block,norm_type,extra,hf_class", VARIANTS,
-                         ids=[f"{b}-{n}-{'-'.join(e) or 'plain'}" for b, n, e, _ in VARIANTS])
+                         ids=[f"{b}-{n}-{'-'.join(e) or 'plain'}" for b, n, e, _ in (getattr(v, "values", v) for v in VARIANTS)])
 def test_variant_logits_and_generate_match(make_variant, tokenizer_dir, tmp_path,
                                            block, norm_type, extra, hf_class):
     model, args = make_variant(block, norm_type, **extra)
