@@ -66,7 +66,8 @@ def main() -> None:
     step, loss, tps = summarize(dump)
     tb = os.path.join(dump, job_config.metrics.save_tb_folder)
     print(f"held-out loss {loss:.3f} at step {step}" if loss is not None else f"trained to step {step}")
-    print(f"tokens/s      {tps:,.0f} (mean over steps 2-{step}, this process group)" if tps else "")
+    if tps:
+        print(f"tokens/s      {tps:,.0f} (mean over steps 2-{step}, this process group)")
     print(f"outputs       TensorBoard {tb} | checkpoint {checkpoint} | HF folder {hf}")
 
 

@@ -9,8 +9,10 @@ import os
 import socket
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 
 def free_port() -> int:
@@ -42,3 +44,19 @@ def run_distributed_test(fn: Callable, world_size: int = 2, *args: Any, **kwargs
         nprocs=world_size,
         start_method="spawn",
     )
+
+
+def parallel_dims(dp_shard: int, tp: int):
+    """torchtitan's ParallelDims of this process group for FSDP x TP, with its mesh built."""
+    from torchtitan.distributed import ParallelDims
+
+    dims = ParallelDims(dp_replicate=1, dp_shard=dp_shard, cp=1, tp=tp, pp=1, ep=1, etp=1,
+                        world_size=dist.get_world_size())
+    dims.build_mesh()
+    return dims
+
+
+def next_token_loss(model, batch: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Summed next-token loss over `batch` divided by the global token count (torchtitan's scaling)."""
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum") / num_tokens

@@ -7,17 +7,14 @@ import copy
 import math
 from pathlib import Path
 
-import titan_geonorm  # noqa: F401  (CPU patches must precede torchtitan's import)
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torchtitan.config import ConfigManager
-from torchtitan.distributed import ParallelDims
 from torchtitan.models.llama3.model.model import apply_rotary_emb
 
-from tests.distributed import run_distributed_test
+from tests.distributed import next_token_loss, parallel_dims, run_distributed_test
 from tests.launch import TINY_CONFIG
 from tests.models.test_model import SHAPE, build, perturb_gains, tokens
 from titan_geonorm import ngpt
@@ -131,18 +128,6 @@ def test_states_and_weights_stay_on_the_unit_sphere(optimizer):
         assert (h.norm(dim=-1) - 1).abs().max() < 1e-5
 
 
-def _dims(dp_shard: int, tp: int) -> ParallelDims:
-    dims = ParallelDims(dp_replicate=1, dp_shard=dp_shard, cp=1, tp=tp, pp=1, ep=1, etp=1,
-                        world_size=dist.get_world_size())
-    dims.build_mesh()
-    return dims
-
-
-def _next_token_loss(model, batch: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    logits = model(batch[:, :-1])
-    return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum") / num_tokens
-
-
 def _train_like_one_process():
     """3 AdamW steps through torchtitan's container under FSDP2 on 2 ranks: the parameters must
     be the one-process run's, on the unit sphere."""
@@ -152,7 +137,7 @@ def _train_like_one_process():
          "--optimizer.lr", "1e-2", "--optimizer.implementation", "for-loop"]
     )
     for dp_shard, tp in ((2, 1),):
-        dims = _dims(dp_shard, tp)
+        dims = parallel_dims(dp_shard, tp)
         ref = build("ngpt")
         perturb_gains(ref)
         model = parallelize_variant(copy.deepcopy(ref), dims, job_config)
@@ -162,8 +147,8 @@ def _train_like_one_process():
             batch = tokens(seed=10 + step, length=17).repeat(2, 1)
             batch[1::2] = batch[1::2].roll(3, dims=1)
             num_tokens = batch[:, 1:].numel()
-            _next_token_loss(ref, batch, num_tokens).backward()
-            _next_token_loss(model, batch.chunk(dp_shard)[dp_rank], num_tokens).backward()
+            next_token_loss(ref, batch, num_tokens).backward()
+            next_token_loss(model, batch.chunk(dp_shard)[dp_rank], num_tokens).backward()
             for container in optimizers:
                 container.step()
                 container.zero_grad()

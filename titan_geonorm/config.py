@@ -28,9 +28,13 @@ class Optimizer:
     """Used when `[optimizer] name = "ManifoldMuon"`."""
 
 
+MODEL_RECORD_KEYS = ("model.name", "model.flavor", "model.norm_type", "model.norm_bias")
+"""`[model]` keys a checkpoint records (`titan.resume.run_record`) and a resume must keep."""
+
+
 def _resumable_changes() -> tuple[str, ...]:
     """Record keys (`titan.resume`) whose change on resume a user may allow."""
-    model = ("model.name", "model.flavor", "model.norm_type", "model.norm_bias")
+    model = MODEL_RECORD_KEYS
     variant = tuple(f"{s}.{f.name}" for s, cls in (("geonorm", GeoNormConfig), ("peri_ln", PeriLNConfig))
                     for f in fields(cls))
     return model + variant

@@ -5,12 +5,10 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torchtitan.config import ConfigManager
-from torchtitan.distributed import ParallelDims
 
-from tests.distributed import run_distributed_test
+from tests.distributed import next_token_loss, parallel_dims, run_distributed_test
 from tests.models.test_model import NORMS, VARIANTS, build, perturb_gains, tokens
 from titan_geonorm.titan.parallelize import parallelize_variant
 
@@ -25,19 +23,6 @@ def _job_config(*overrides: str):
     )
 
 
-def _parallel_dims(dp_shard: int, tp: int) -> ParallelDims:
-    dims = ParallelDims(dp_replicate=1, dp_shard=dp_shard, cp=1, tp=tp, pp=1, ep=1, etp=1,
-                        world_size=dist.get_world_size())
-    dims.build_mesh()
-    return dims
-
-
-def _loss(model, batch: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Summed next-token loss over `batch` divided by the global token count (torchtitan's scaling)."""
-    logits = model(batch[:, :-1])
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum") / num_tokens
-
-
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
@@ -45,7 +30,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def _check_against_single_process(dp_shard: int, tp: int, cases, overrides=()) -> None:
     """Every rank builds the same model; the parallel copy, fed this rank's share of the batch,
     must give the single-process loss and gradients."""
-    dims = _parallel_dims(dp_shard, tp)
+    dims = parallel_dims(dp_shard, tp)
     job_config = _job_config(*overrides)
     dp_rank = dims.get_mesh("fsdp").get_local_rank() if dims.fsdp_enabled else 0
     for block, norm_type in cases:
@@ -55,10 +40,10 @@ def _check_against_single_process(dp_shard: int, tp: int, cases, overrides=()) -
         batch = tokens(seed=5, length=17).repeat(2, 1)[: 2 * dp_shard]  # inputs: 16 tokens
         batch[1::2] = batch[1::2].roll(3, dims=1)
         num_tokens = batch[:, 1:].numel()
-        ref_loss = _loss(ref, batch, num_tokens)
+        ref_loss = next_token_loss(ref, batch, num_tokens)
         ref_loss.backward()
         local = batch.chunk(dp_shard)[dp_rank]
-        loss = _loss(model, local, num_tokens)
+        loss = next_token_loss(model, local, num_tokens)
         loss.backward()
         total = loss.detach().clone()
         if dp_shard > 1:

@@ -1,6 +1,5 @@
 """ManifoldMuon: single-process behaviour, distributed equivalence, DCP save/load and resharding."""
 
-import titan_geonorm  # noqa: F401  (CPU patches must precede torchtitan's import)
 import copy
 import os
 

@@ -1,4 +1,3 @@
-import titan_geonorm  # noqa: F401  (CPU patches must precede torchtitan's import)
 import pytest
 import torch
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs

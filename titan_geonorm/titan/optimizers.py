@@ -64,7 +64,12 @@ def build_optimizers(model_parts: list[nn.Module], optimizer_config, parallel_di
             exempt_1d_from_weight_decay(container)
     hooks = [part.after_optimizer_step for part in model_parts if hasattr(part, "after_optimizer_step")]
     if hooks:
-        container.register_step_post_hook(lambda *_: [hook() for hook in hooks])
+
+        def after_step(*_) -> None:
+            for hook in hooks:
+                hook()
+
+        container.register_step_post_hook(after_step)
     return container
 
 

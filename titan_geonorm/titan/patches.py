@@ -138,15 +138,20 @@ def is_complete(path: str) -> bool:
     )
 
 
-def stale_checkpoints(folder: str, keep_latest_k: int) -> list[str]:
-    """`step-N` folders to delete so that the newest `keep_latest_k` complete ones remain."""
+def checkpoint_folders(folder: str) -> list[tuple[int, str, bool]]:
+    """(step, path, complete) of every `step-N` folder, by step, named as torchtitan matches them."""
     found = []
     for name in os.listdir(folder):
         match = re.search(r"step-(\d+)", name)
         if match:
             path = os.path.join(folder, name)
             found.append((int(match.group(1)), path, is_complete(path)))
-    found.sort()
+    return sorted(found)
+
+
+def stale_checkpoints(folder: str, keep_latest_k: int) -> list[str]:
+    """`step-N` folders to delete so that the newest `keep_latest_k` complete ones remain."""
+    found = checkpoint_folders(folder)
     complete = [step for step, _, done in found if done]
     if not complete:
         return []

@@ -17,14 +17,14 @@ torchtitan would restore the old values anyway: start a new run from the weights
 import dataclasses
 import json
 import os
-import re
 
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.stateful import Stateful
 
 from titan_geonorm.checks import ConfigError
-from titan_geonorm.titan.patches import is_complete
+from titan_geonorm.config import MODEL_RECORD_KEYS
+from titan_geonorm.titan.patches import checkpoint_folders, is_complete
 
 RECORD_KEY = "titan_geonorm_run"
 OPTIMIZER_KEYS = ("optimizer.name", "optimizer.lr", "optimizer.weight_decay", "optimizer.beta1",
@@ -34,8 +34,7 @@ OPTIMIZER_KEYS = ("optimizer.name", "optimizer.lr", "optimizer.weight_decay", "o
 def run_record(job_config) -> dict[str, object]:
     """The settings a checkpoint cannot be resumed without, as `section.key -> value`."""
     m, o = job_config.model, job_config.optimizer
-    record = {"model.name": m.name, "model.flavor": m.flavor, "model.norm_type": m.norm_type,
-              "model.norm_bias": m.norm_bias}
+    record = {key: getattr(m, key.split(".", 1)[1]) for key in MODEL_RECORD_KEYS}
     record.update({key: getattr(o, key.split(".", 1)[1]) for key in OPTIMIZER_KEYS})
     for section in ("geonorm", "peri_ln"):
         for f in dataclasses.fields(getattr(job_config, section)):
@@ -69,9 +68,8 @@ def checkpoint_to_load(job_config) -> str | None:
         return None
     if c.load_step != -1:
         return os.path.join(folder, f"step-{c.load_step}")
-    steps = [int(m.group(1)) for name in os.listdir(folder) if (m := re.fullmatch(r"step-(\d+)", name))]
-    complete = [s for s in steps if is_complete(os.path.join(folder, f"step-{s}"))]
-    return os.path.join(folder, f"step-{max(complete)}") if complete else None
+    complete = [path for _, path, done in checkpoint_folders(folder) if done]
+    return complete[-1] if complete else None
 
 
 def read_record(path: str) -> dict[str, object] | None:
