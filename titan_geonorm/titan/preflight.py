@@ -46,11 +46,15 @@ def check_model(job_config) -> None:
         )
 
 
-def _world_size_source(job_config) -> str:
+def _world_size_origin(job_config) -> str:
     """Where the world size comes from, for messages."""
     if job_config.comm.mode in ("fake_backend", "local_tensor"):
-        return f"NGPU = {_world_size(job_config)} (comm.mode = {job_config.comm.mode!r})"
-    return f"the world size {_world_size(job_config)} (WORLD_SIZE: torchrun --nnodes x --nproc-per-node)"
+        return f"NGPU, comm.mode = {job_config.comm.mode!r}"
+    return "WORLD_SIZE: torchrun --nnodes x --nproc-per-node"
+
+
+def _world_size_source(job_config) -> str:
+    return f"the world size {_world_size(job_config)} ({_world_size_origin(job_config)})"
 
 
 def check_parallelism(job_config) -> None:
@@ -69,15 +73,15 @@ def check_parallelism(job_config) -> None:
     if shard == -1:
         if world % others:
             raise ConfigError(
-                f"{product} (= {others}) does not divide {_world_size_source(job_config)}; "
-                "parallelism.data_parallel_shard_degree = -1 fills the rest"
+                f"the world size {world} ({_world_size_origin(job_config)}) is not divisible by "
+                f"{product} (= {others}); parallelism.data_parallel_shard_degree = -1 fills the rest"
             )
     elif shard < 1:
         raise ConfigError(f"parallelism.data_parallel_shard_degree = {shard}: must be -1 or >= 1")
     elif shard * others != world:
         raise ConfigError(
             f"parallelism.data_parallel_shard_degree = {shard} x {product} = {shard * others}, "
-            f"but {_world_size_source(job_config)} differs"
+            f"but the world size is {world} ({_world_size_origin(job_config)})"
         )
 
 
