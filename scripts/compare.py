@@ -6,14 +6,15 @@
 
 An arm is `variant/norm/optimizer[/key=value+key=value...]`: variant in pre|post|peri|geonorm (the
 `llama3_<variant>ln` / `llama3_geonorm` train specs), norm in rmsnorm|layernorm, optimizer `adamw` or a Manifold Muon
-preset (muon|all_stiefel|all_dgram|hetero|hetero_inv), then optional `[geonorm]` keys of that arm
+preset (muon|all_stiefel|all_dgram|hetero|hetero_inv|paper), then optional `[geonorm]` keys of that arm
 (`geonorm/rmsnorm/adamw/radius=prenorm+attn_decay=harmonic`). Every (arm, seed) trains with
 `python -m titan_geonorm.train` under torchrun (1 process) with diagnostics on, saves its final
 weights, and is scored by `titan_geonorm.evaluate` on the held-out split of the training text
 (`[validation] val_fraction`, never trained on), written once to `<out>/heldout.txt`.
 
 Outputs in `<out>`: `runs/<arm>/seed<s>/` (dump folder, `result.json`), `results.csv`,
-`results.md` (mean +- std over seeds, divergences counted) and `img/*.png`. Resumable: a
+`results.md` (mean +- std over seeds, divergences counted), `stability.md` (loss spikes, largest
+activation, attention logit and gradient norm per arm), `overhead.md` and `img/*.png`. Resumable: a
 (arm, seed) whose `result.json` exists is not run again.
 """
 
@@ -37,7 +38,7 @@ from titan_geonorm.titan.metrics import read_metrics  # noqa: E402
 
 MODEL_NAMES = {"pre": "llama3_preln", "post": "llama3_postln", "peri": "llama3_periln", "geonorm": "llama3_geonorm"}
 NORMS = ("rmsnorm", "layernorm")
-PRESETS = ("muon", "all_stiefel", "all_dgram", "hetero", "hetero_inv")
+PRESETS = ("muon", "all_stiefel", "all_dgram", "hetero", "hetero_inv", "paper")
 LOSS = "loss_metrics/global_avg_loss"
 D = "diagnostics/"
 
@@ -264,6 +265,43 @@ def plot(results: list[dict], out: Path) -> None:
            lambda recs: _diag_series(recs, f"{D}attn_entropy/", min))
 
 
+def loss_spikes(losses: list[float], threshold: float) -> int:
+    """Logged losses more than `threshold` nats above the lowest loss logged before them."""
+    spikes, best = 0, math.inf
+    for loss in losses:
+        if not math.isfinite(loss) or loss > best + threshold:
+            spikes += 1
+        best = min(best, loss)
+    return spikes
+
+
+def write_stability(results: list[dict], out: Path, threshold: float = 1.0) -> str:
+    """Per arm, over its seeds: divergences, loss spikes (`loss_spikes`), and the largest residual
+    activation, pre-softmax attention logit and gradient norm seen at any logged step."""
+    lines = [f"| arm | seeds | diverged | loss spikes (> {threshold} nats) | max activation | "
+             "max attention logit | max grad norm |", "|---|---|---|---|---|---|---|"]
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        rows = [r for r in results if r["arm"] == arm]
+        spikes, peaks = 0, {"act": [], "logit": [], "grad": []}
+        for r in rows:
+            recs = read_metrics(str(out / "runs" / arm / f"seed{r['seed']}"))
+            spikes += loss_spikes([x[LOSS] for x in recs if LOSS in x], threshold)
+            for x in recs:
+                peaks["act"] += [v for k, v in x.items() if k.startswith(f"{D}residual_max/")]
+                peaks["logit"] += [v for k, v in x.items() if k.startswith(f"{D}attn_logit_max/")]
+                peaks["grad"] += [x["grad_norm"]] if "grad_norm" in x else []
+
+        def peak(key: str) -> str:
+            finite = [v for v in peaks[key] if math.isfinite(v)]
+            return f"{max(finite):.3g}" if finite else "-"
+
+        lines.append(f"| {arm} | {len(rows)} | {sum(r['diverged'] for r in rows)} | {spikes} | "
+                     f"{peak('act')} | {peak('logit')} | {peak('grad')} |")
+    table = "\n".join(lines) + "\n"
+    (out / "stability.md").write_text(table)
+    return table
+
+
 def write_overhead(results: list[dict], out: Path, freq: int = 50) -> str:
     """Diagnostics cost at `freq`: time in diagnostics per diagnostic step / (freq x step time).
 
@@ -321,6 +359,7 @@ def main() -> None:
             results.append(result)
     print(write_tables(results, args.out))
     print(write_overhead(results, args.out))
+    print(write_stability(results, args.out))
     plot(results, args.out)
 
 

@@ -14,6 +14,8 @@ _EXTRA = {
     "tiny": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, **_SMALL),
     # ~1.0M params, 12 layers: depth experiments on CPU.
     "tiny12": dict(dim=64, n_layers=12, n_heads=4, n_kv_heads=2, **_SMALL),
+    # ~5.8M params, 6 layers of width 256: the longer, wider experiment budget on CPU.
+    "wide6": dict(dim=256, n_layers=6, n_heads=4, n_kv_heads=2, **_SMALL),
     # ~23M params.
     "small": dict(dim=384, n_layers=12, n_heads=6, **_SMALL),
     # GPT-2-small / GPT-3-medium / 1B / 3B shaped, with a llama3 vocabulary.
