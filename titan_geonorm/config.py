@@ -32,12 +32,17 @@ MODEL_RECORD_KEYS = ("model.name", "model.flavor", "model.norm_type", "model.nor
 """`[model]` keys a checkpoint records (`titan.resume.run_record`) and a resume must keep."""
 
 
+OPTIMIZER_RESUMABLE = ("optimizer.lr", "optimizer.weight_decay")
+"""Optimizer keys a resume may change (`titan.resume.apply_optimizer_changes` applies them); the
+others shape the saved optimizer state."""
+
+
 def _resumable_changes() -> tuple[str, ...]:
     """Record keys (`titan.resume`) whose change on resume a user may allow."""
     model = MODEL_RECORD_KEYS
     variant = tuple(f"{s}.{f.name}" for s, cls in (("geonorm", GeoNormConfig), ("peri_ln", PeriLNConfig))
                     for f in fields(cls))
-    return model + variant
+    return model + variant + OPTIMIZER_RESUMABLE
 
 
 @dataclass
@@ -45,13 +50,16 @@ class Checkpoint:
     allow_resume_changes: list[str] = field(default_factory=list)
     """Keys that may differ from the checkpoint's on resume (e.g. `["geonorm.theta_max"]`).
     Without them a resume with another model, flavor, norm or variant setting is refused.
-    Optimizer settings cannot be listed: torchtitan restores them from the checkpoint."""
+    `optimizer.lr` and `optimizer.weight_decay` may be listed: their new values replace the
+    checkpoint's after the load (the lr as the schedule's new peak). The other optimizer settings
+    (name, betas, eps, Manifold Muon routing) cannot change on resume."""
 
     def validate(self) -> None:
         allowed = _resumable_changes()
         for key in self.allow_resume_changes:
             require(key in allowed, "checkpoint.allow_resume_changes", self.allow_resume_changes,
-                    f"{key!r} is not one of {allowed} (optimizer settings cannot change on resume)")
+                    f"{key!r} is not one of {allowed} (optimizer.name, betas, eps and the Manifold "
+                    "Muon routing cannot change on resume)")
 
 
 @dataclass

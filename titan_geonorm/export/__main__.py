@@ -8,13 +8,15 @@ The output is written into a temporary folder beside DIR and renamed into place,
 half-written nor a mix of two exports; a non-empty DIR is refused unless `--overwrite`, which
 replaces it whole (the files of DIR not written by the export are deleted too).
 Other `--section.key value` arguments override the TOML as in training (e.g. `--model.flavor`).
-Errors (unknown variant, checkpoint/config mismatch, bad dtype) exit with status 2 and one line.
+Errors (unknown variant, checkpoint/config mismatch, bad dtype) exit with status 2 and one line;
+a checkpoint is exported only as the model its run record says it trained (`check_trained_as`).
 """
 
 import argparse
 import sys
 
 from titan_geonorm.export import DTYPES, export_checkpoint, import_to_dcp
+from titan_geonorm.export.load import check_trained_as, load_job_config
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
             target = import_to_dcp(args.config, args.checkpoint, args.output, overrides,
                                    args.overwrite)
         else:
+            check_trained_as(load_job_config(args.config, overrides), args.checkpoint)
             target = export_checkpoint(args.config, args.checkpoint, args.output, args.dtype,
                                        overrides, args.max_shard_size, args.overwrite)
     except (ValueError, FileNotFoundError) as e:

@@ -73,6 +73,17 @@ def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Siz
                              f"model expects {tuple(shape)}: wrong [model] flavor?")
 
 
+def check_trained_as(job_config, path: str | Path) -> None:
+    """Refuse a DCP checkpoint whose run record (`titan.resume`) names another model, flavor, norm
+    or variant setting than `job_config`, naming both values; one without a record (seed,
+    model-only or imported checkpoint) or without `.metadata` (reported by the load) passes."""
+    from titan_geonorm.titan.resume import check_export
+
+    if (Path(path) / ".metadata").is_file():
+        with _single_process():
+            check_export(job_config, str(path))
+
+
 def checkpoint_tensors(path: str | Path) -> dict[str, TensorStorageMetadata]:
     """The model entries (name -> metadata) of a DCP checkpoint folder."""
     path = Path(path)

@@ -5,19 +5,45 @@ the process for torchtitan: the CPU patches when there is no accelerator (they m
 torchtitan's first import), the run patches and the train-spec registration. The config is parsed
 and checked (`titan_geonorm.titan.preflight`) before any process group, model or data is built; a
 bad config exits with status 2 and a one-line message naming the key.
+
+Under torchrun a worker exits when the torchrun agent dies (`exit_with_parent`).
 """
 
+import ctypes
 import dataclasses
 import os
+import signal
 import sys
 
-from titan_geonorm.titan.patches import apply_cpu_patches, apply_run_patches
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def exit_with_parent() -> None:
+    """Under torchrun (Linux), have the kernel send this worker SIGTERM when its torchrun agent
+    dies. Without it a `kill -9` of torchrun alone leaves the workers training: their process
+    group no longer needs the agent, so they go on writing checkpoints and metrics into a dump
+    folder that a relaunch then shares with them. An agent that died before the call has already
+    left this process reparented: it exits at once then."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if parent == 1 or os.getppid() != parent:
+        sys.exit("titan_geonorm: the torchrun agent that started this worker is gone")
+
+
+exit_with_parent()
+
+from titan_geonorm.titan.patches import apply_cpu_patches, apply_run_patches  # noqa: E402
 
 apply_cpu_patches()
 
 from titan_geonorm.titan import register  # noqa: E402  (after the CPU patches)
 from titan_geonorm.titan.lock import DumpFolderBusy, lock_dump_folder  # noqa: E402
 from titan_geonorm.titan.preflight import ConfigError, run_preflight  # noqa: E402
+from titan_geonorm.titan.resume import CheckpointDamaged  # noqa: E402
 
 apply_run_patches()
 register()
@@ -116,6 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         job_config = parse_config(argv)
         run_preflight(job_config)
+    except CheckpointDamaged as e:
+        print(f"titan_geonorm: {e}", file=sys.stderr)
+        sys.exit(2)
     except ConfigError as e:
         print(f"titan_geonorm: invalid configuration: {e}", file=sys.stderr)
         sys.exit(2)

@@ -5,7 +5,8 @@ that shows the failure it prevents. Nothing here runs at import; callers apply t
 
 - CPU-only hosts (`apply_cpu_patches`, by the launcher before torchtitan's first import):
   `patch_device_type` (0001), `patch_cpu_memory_stats` (0002), `patch_gloo_barrier` (0003).
-- Every run (`apply_run_patches`, by the launcher): `patch_purge_counts_complete_checkpoints` (0006).
+- Every run (`apply_run_patches`, by the launcher): `patch_purge_counts_complete_checkpoints` (0006),
+  `patch_save_reports_disk_full` (0007).
 - Per model, from the parallelize functions: `force_sum_reduction_on_gloo` (0004),
   `sum_gradients_under_ddp` (0005), `init_shards_like_one_process` (gloo only; no upstream patch:
   a CPU-development workaround).
@@ -14,10 +15,12 @@ that shows the failure it prevents. Nothing here runs at import; callers apply t
 computes the device type at import time and other modules copy it by name.
 """
 
+import errno
 import logging
 import os
 import platform
 import re
+import shutil
 import sys
 import types
 
@@ -181,6 +184,113 @@ def patch_purge_counts_complete_checkpoints() -> None:
     CheckpointManager._purge_stale_checkpoints = _purge_stale_checkpoints
 
 
+def checkpoint_damage(path: str) -> tuple[str, str] | None:
+    """(file, what is wrong) for the first file of the DCP checkpoint `path` that cannot be read
+    whole, or None: `.metadata` missing or unreadable, a shard missing or shorter than the byte
+    ranges the metadata records for it. Reads the metadata and the shards' sizes, no tensor."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        return ".metadata", "is missing (the save of this step did not finish)"
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as e:  # noqa: BLE001  (whatever unpickling raises, the file is damaged)
+        return ".metadata", f"is truncated or unreadable ({type(e).__name__}: {e})"
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return name, "is missing"
+        if os.path.getsize(file) < size:
+            return name, (f"is truncated or unreadable ({os.path.getsize(file)} bytes, the metadata "
+                          f"expects at least {size})")
+    return None
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message names its folder and what to do."""
+
+
+# Disk full during a save (0007).
+#
+# DCP writes tensors with `torch.save` into each shard: when the disk fills up, the zip writer
+# fails with `[enforce fail at inline_container.cc] . unexpected pos N vs M` (an OSError ENOSPC
+# when the write is a plain one), wrapped per rank in a `CheckpointException` that names neither
+# the folder nor the cause. The earlier checkpoints are intact (DCP's `.metadata`, written last,
+# never appears for the failed step), so the message says so and names the step to resume from.
+
+
+def _failures(error: BaseException):
+    """`error`, its causes and, for DCP's CheckpointException, every rank's failure."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    seen = []
+    pending = [error]
+    while pending:
+        e = pending.pop()
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        pending += [e.__cause__, e.__context__]
+        if isinstance(e, CheckpointException):
+            pending += [exc for exc, _ in e.failures.values()]
+    return seen
+
+
+def disk_full_cause(error: BaseException) -> BaseException | None:
+    """The failure that says a save ran out of space (ENOSPC, or torch's zip writer's short
+    write), or None."""
+    for e in _failures(error):
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
+            isinstance(e, RuntimeError) and "unexpected pos" in str(e)
+        ):
+            return e
+    return None
+
+
+def disk_full_message(checkpoint_id: str, cause: BaseException) -> str:
+    folder = os.path.dirname(os.path.abspath(checkpoint_id))
+    complete = [path for _, path, done in checkpoint_folders(folder) if done] if os.path.isdir(folder) else []
+    kept = f"the newest complete one, {complete[-1]}, is intact" if complete else "no earlier checkpoint exists"
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return (f"checkpoint {checkpoint_id}: the disk is full ({free}; {type(cause).__name__}: "
+            f"{str(cause).strip()}); this step was not saved and its partial folder can be deleted, "
+            f"{kept}: free space on the disk of {folder} and relaunch to resume")
+
+
+_DISK_FULL = "_titan_geonorm_disk_full"
+
+
+def patch_save_reports_disk_full() -> None:
+    """Wrap `CheckpointManager.dcp_save` so that a save failing for lack of space raises
+    `CheckpointError` naming the step folder (see `disk_full_message`); other errors pass.
+    Covers synchronous saves: an async save's failure surfaces later, from its future."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torchtitan.components.checkpoint import CheckpointManager
+
+    original = CheckpointManager.dcp_save
+    if getattr(original, _DISK_FULL, False):
+        return
+
+    def dcp_save(self, state_dict, checkpoint_id, *args, **kwargs):
+        try:
+            return original(self, state_dict, checkpoint_id, *args, **kwargs)
+        except (Exception, CheckpointException) as e:
+            cause = disk_full_cause(e)
+            if cause is None:
+                raise
+            raise CheckpointError(disk_full_message(checkpoint_id, cause)) from e
+
+    setattr(dcp_save, _DISK_FULL, True)
+    dcp_save.__wrapped__ = original
+    CheckpointManager.dcp_save = dcp_save
+
+
 def force_sum_reduction_on_gloo(model: nn.Module) -> None:
     """Make FSDP2 reduce with SUM when the default process group is gloo."""
     if not dist.is_initialized() or dist.get_backend() != "gloo":
@@ -244,3 +354,4 @@ def init_shards_like_one_process(model: nn.Module, model_cls: type[nn.Module]) -
 def apply_run_patches() -> None:
     """Patches every run needs, accelerator or not (the launcher calls this once)."""
     patch_purge_counts_complete_checkpoints()
+    patch_save_reports_disk_full()

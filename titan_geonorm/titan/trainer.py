@@ -28,7 +28,12 @@ from torchtitan.train import Trainer
 
 from titan_geonorm.diagnostics import build_diagnostics
 from titan_geonorm.optim.routing import clean_name
-from titan_geonorm.titan.resume import RECORD_KEY, RunRecord
+from titan_geonorm.titan.resume import (
+    RECORD_KEY,
+    RunRecord,
+    apply_optimizer_changes,
+    optimizer_settings,
+)
 
 class DivergenceError(RuntimeError):
     """A step produced a non-finite loss or gradient and `[divergence] action` says stop."""
@@ -55,12 +60,23 @@ class GeoNormTrainer(Trainer):
         super().__init__(job_config)
         # Saved in every checkpoint beside the weights; compared on resume by preflight.
         self.checkpointer.states[RECORD_KEY] = RunRecord(job_config)
+        self.checkpointer.load = self._load_keeping_allowed_changes
         self.divergence = job_config.divergence
         self.consecutive_skips = 0
         self.skipped_steps = 0
         self._step_losses: list[torch.Tensor] = []
         # None unless `[diagnostics] enable`: then hooks exist only during diagnostic steps.
         self.diagnostics = build_diagnostics(job_config, self.model_parts, self.gradient_accumulation_steps)
+
+    def _load_keeping_allowed_changes(self, step: int = -1) -> bool:
+        """torchtitan's checkpoint load (called by `train`), then the configured lr / weight decay
+        back in place where `checkpoint.allow_resume_changes` allows them: the load restores the
+        checkpoint's param groups and LR-scheduler peak."""
+        settings = optimizer_settings(self.optimizers)
+        loaded = type(self.checkpointer).load(self.checkpointer, step)
+        if loaded:
+            apply_optimizer_changes(self.job_config, self.optimizers, self.lr_schedulers, settings)
+        return loaded
 
     def _named_grads(self) -> list[tuple[str, torch.Tensor]]:
         return [
