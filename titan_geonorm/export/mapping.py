@@ -10,9 +10,11 @@ Targets (DESIGN.md section 5):
   whose RoPE rotates interleaved pairs like torchtitan: no permutation. Its MLP fuses
   `gate_up_proj = cat(w1, w3)` (rows), split back as `chunk(2)`.
 - `custom` (everything else): `modeling_titan_geonorm.py`, the training model's names under
-  `model.`, the head as `lm_head`.
+  `model.`, the head as `lm_head`; GeoNorm's `[geonorm]` keys travel as `geonorm_*` config
+  entries (`geonorm_config`).
 """
 
+import math
 import re
 from enum import StrEnum
 
@@ -48,6 +50,31 @@ def select_target(args: TransformerModelArgs) -> Target:
     if not hasattr(args, "block"):
         return Target.LLAMA
     return Target(BLOCKS[block_of(args)].hf_target(args))
+
+
+def geonorm_config(args: TransformerModelArgs) -> dict:
+    """The `geonorm_*` entries of a GeoNorm model's `config.json` (empty for other variants).
+
+    Every `[geonorm]` key under its own name, plus `geonorm_step_decays[i] = [s(k_attn), s(k_ffn)]`
+    of block i (the schedules and `decay_index` evaluated, so the modeling file needs no schedule
+    code); `theta_base_max = inf` is written as None, which JSON can hold.
+    """
+    if block_of(args) != "geonorm":
+        return {}
+    cfg = args.geonorm
+    return dict(
+        geonorm_step_decays=[list(args.step_decays(i)) for i in range(args.n_layers)],
+        geonorm_learnable_step=cfg.learnable_step,
+        geonorm_step_init=float(cfg.step_init),
+        geonorm_theta_max=float(cfg.theta_max),
+        geonorm_radius=cfg.radius,
+        geonorm_update_map=cfg.update_map,
+        geonorm_learnable_bias=cfg.learnable_bias,
+        geonorm_theta_base_max=None if math.isinf(cfg.theta_base_max) else float(cfg.theta_base_max),
+        geonorm_attn_decay=cfg.attn_decay,
+        geonorm_ffn_decay=cfg.ffn_decay,
+        geonorm_decay_index=cfg.decay_index,
+    )
 
 
 _GLM4_LAYER = {

@@ -13,7 +13,8 @@ op, so that logits match the training model's:
   transformers `DynamicCache` for `generate()`;
 - blocks (N = RMSNorm or LayerNorm, F = attention or SwiGLU):
   pre `h + F(N(h))`, post `N(h + F(h))`, peri `h + N_out(F(N_in(h)))`,
-  geonorm `exp_h(a_k s(k) tangent(F(g * h)))` (a geodesic step on the sphere of radius ||h||),
+  geonorm `h <- geodesic_step(h, F(N(h)))` (a turn in span(h, v) by the scaled angle theta and a
+  new norm R; N a gain on the sphere, the config's norm for the Pre-Norm radius),
   ngpt `N(h + alpha (N(F(h)) - h))` (nGPT, `titan_geonorm.ngpt`: unit q/k per head, scaled MLP
   and logits, no norm layers).
 """
@@ -29,13 +30,22 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 BLOCKS = ("pre", "post", "peri", "geonorm", "ngpt")
 NORM_TYPES = ("rmsnorm", "layernorm")
+GEONORM_RADII = ("sphere", "prenorm")
+GEONORM_UPDATE_MAPS = ("exp", "retraction")
+# Floor on ||h||^2 and on the divisors of `geodesic_step` (as in titan_geonorm.geonorm).
+_MIN_SQ_NORM = 1e-10
+# Below this ||v|| / (||h|| |1 + c|), atan2(x, a)/x is replaced by its series 1/a.
+_SERIES = 1e-4
 
 
 class TitanGeoNormConfig(PretrainedConfig):
     """Shapes, RoPE and block variant of a titan-geonorm model.
 
-    `geonorm_step_decays[i] = [s(k_attn), s(k_ffn)]` of block i, evaluated at export so the schedule
-    needs no code here.
+    `geonorm_step_decays[i] = [s(k_attn), s(k_ffn)]` of block i, evaluated at export from
+    `[geonorm] attn_decay`, `ffn_decay` and `decay_index` (kept as `geonorm_attn_decay`, ...) so
+    the schedule needs no code here. The other `geonorm_*` entries are the `[geonorm]` keys of the
+    same name; `geonorm_theta_base_max = None` is no clamp (inf, which JSON cannot hold). Their
+    defaults are the settings of exports that predate them: sphere, exp map, no bias, no clamp.
     """
 
     model_type = "titan_geonorm"
@@ -64,6 +74,13 @@ class TitanGeoNormConfig(PretrainedConfig):
         geonorm_learnable_step: bool = True,
         geonorm_step_init: float = 1.0,
         geonorm_theta_max: float = math.pi / 2,
+        geonorm_radius: str = "sphere",
+        geonorm_update_map: str = "exp",
+        geonorm_learnable_bias: bool = False,
+        geonorm_theta_base_max: float | None = None,
+        geonorm_attn_decay: str | None = None,
+        geonorm_ffn_decay: str | None = None,
+        geonorm_decay_index: str | None = None,
         initializer_range: float = 0.02,
         use_cache: bool = True,
         tie_word_embeddings: bool = False,
@@ -73,6 +90,11 @@ class TitanGeoNormConfig(PretrainedConfig):
             raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
         if norm_type not in NORM_TYPES:
             raise ValueError(f"norm_type must be one of {NORM_TYPES}, got {norm_type!r}")
+        if geonorm_radius not in GEONORM_RADII:
+            raise ValueError(f"geonorm_radius must be one of {GEONORM_RADII}, got {geonorm_radius!r}")
+        if geonorm_update_map not in GEONORM_UPDATE_MAPS:
+            raise ValueError(
+                f"geonorm_update_map must be one of {GEONORM_UPDATE_MAPS}, got {geonorm_update_map!r}")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -95,6 +117,13 @@ class TitanGeoNormConfig(PretrainedConfig):
         self.geonorm_learnable_step = geonorm_learnable_step
         self.geonorm_step_init = geonorm_step_init
         self.geonorm_theta_max = geonorm_theta_max
+        self.geonorm_radius = geonorm_radius
+        self.geonorm_update_map = geonorm_update_map
+        self.geonorm_learnable_bias = geonorm_learnable_bias
+        self.geonorm_theta_base_max = geonorm_theta_base_max
+        self.geonorm_attn_decay = geonorm_attn_decay
+        self.geonorm_ffn_decay = geonorm_ffn_decay
+        self.geonorm_decay_index = geonorm_decay_index
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -134,25 +163,57 @@ def build_norm(config: TitanGeoNormConfig) -> nn.Module:
     return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
 
 
-def geodesic_step(h, u, step, theta_max: float, center: bool) -> torch.Tensor:
-    """`cos(theta) h + sin(theta) ||h|| v/||v||`, `v` the part of `u` tangent to the sphere at h,
-    `theta = sign(step) min(|step| ||v||/||h||, theta_max)`; in fp32, through `sinc` so that
-    v = 0 gives h exactly. The forward of `titan_geonorm.geonorm.geodesic_step`."""
+def geodesic_step(h, u, step, theta_max: float, center: bool, bias=0.0, radius: str = "sphere",
+                  update_map: str = "exp", theta_base_max: float = math.inf) -> torch.Tensor:
+    """The forward of `titan_geonorm.geonorm.geodesic_step`, op for op.
+
+    With u = c h + v (v orthogonal to h), ratio = ||v||/||h||:
+        theta_0 = min(ratio, theta_base_max)                    (exp)
+                  min(atan2(ratio, 1 + c), theta_base_max)      (retraction: Pre-LN's angle)
+        theta   = clamp(step theta_0 + bias, -theta_max, theta_max)
+        h'      = R (cos(theta) h/||h|| + sin(theta) v/||v||)
+        R       = ||h|| (sphere)  or  ||h + u|| = ||h|| sqrt((1 + c)^2 + ratio^2) (prenorm)
+    In fp32 (or wider); sin(theta) ||h||/||v|| goes through `sinc` so that v = 0 gives R h/||h||.
+    """
     dtype = torch.promote_types(h.dtype, torch.float32)
     h32, u32 = h.to(dtype), u.to(dtype)
     if isinstance(step, torch.Tensor):
         step = step.to(dtype)
     if center:
         u32 = u32 - u32.mean(dim=-1, keepdim=True)
-    sq_norm = (h32 * h32).sum(dim=-1, keepdim=True).clamp_min(1e-10)
-    v = u32 - ((h32 * u32).sum(dim=-1, keepdim=True) / sq_norm) * h32
+    sq_norm = (h32 * h32).sum(dim=-1, keepdim=True).clamp_min(_MIN_SQ_NORM)
+    one_c = 1 + (h32 * u32).sum(dim=-1, keepdim=True) / sq_norm
+    v = u32 - (one_c - 1) * h32
     # Accumulated in fp64 so that ||v||^2 cannot overflow for huge updates.
     v_norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True, dtype=torch.float64).to(dtype)
     ratio = v_norm / sq_norm.sqrt()
-    step_eff = step * theta_max / (abs(step) * ratio).clamp_min(theta_max)
-    theta = step_eff * ratio
-    out = torch.cos(theta) * h32 + (step_eff * torch.sinc(theta / math.pi)) * v
-    return out.to(h.dtype)
+    # base = theta_0 / ratio, finite where ratio = 0.
+    if update_map == "retraction":
+        theta = torch.atan2(ratio, one_c)
+        series = (one_c > 0) & (ratio < _SERIES * one_c.abs())
+        base = torch.where(series, 1 / one_c.abs().clamp_min(_MIN_SQ_NORM),
+                           theta / ratio.clamp_min(_MIN_SQ_NORM))
+        if not math.isinf(theta_base_max):
+            clamped = theta > theta_base_max
+            theta = torch.where(clamped, theta_base_max, theta)
+            base = torch.where(clamped, theta_base_max / ratio.clamp_min(_MIN_SQ_NORM), base)
+    elif math.isinf(theta_base_max):
+        theta, base = ratio, 1.0
+    else:
+        theta = ratio.clamp_max(theta_base_max)
+        base = theta_base_max / ratio.clamp_min(theta_base_max)
+    theta, per_ratio = step * theta, step * base
+    if isinstance(bias, torch.Tensor) or bias != 0.0:
+        bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else bias
+        theta = theta + bias
+        per_ratio = per_ratio + bias / ratio.clamp_min(_MIN_SQ_NORM)
+    shrink = theta_max / theta.abs().clamp_min(theta_max)
+    theta = theta * shrink
+    coef_h, coef_v = torch.cos(theta), torch.sinc(theta / math.pi) * per_ratio * shrink
+    if radius == "prenorm":
+        scale = (one_c.square() + ratio.square()).sqrt()
+        coef_h, coef_v = coef_h * scale, coef_v * scale
+    return torch.addcmul(coef_h * h32, coef_v, v).to(h.dtype)
 
 
 def project_to_sphere(x: torch.Tensor, center: bool) -> torch.Tensor:
@@ -175,21 +236,34 @@ class Gain(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
+def geonorm_centered(config: TitanGeoNormConfig) -> bool:
+    """LayerNorm puts sphere states on the mean-zero sphere; Pre-Norm radius states are not centered."""
+    return config.norm_type == "layernorm" and config.geonorm_radius == "sphere"
+
+
 class GeodesicStep(nn.Module):
-    """`h <- geodesic_step(h, u, a * decay)`, `a` learnable (`step`) or fixed."""
+    """`h <- geodesic_step(h, u, a decay, bias=b decay, ...)`, `a` learnable (`step`) or fixed, the
+    angle bias `b` (`bias`) where `geonorm_learnable_bias`."""
 
     def __init__(self, config: TitanGeoNormConfig, decay: float):
         super().__init__()
         self.decay = decay
         self.step_init = config.geonorm_step_init
         self.theta_max = config.geonorm_theta_max
-        self.center = config.norm_type == "layernorm"
+        self.center = geonorm_centered(config)
+        self.radius = config.geonorm_radius
+        self.update_map = config.geonorm_update_map
+        base_max = config.geonorm_theta_base_max
+        self.theta_base_max = math.inf if base_max is None else float(base_max)
         learnable = config.geonorm_learnable_step
         self.step = nn.Parameter(torch.full((1,), self.step_init)) if learnable else None
+        self.bias = nn.Parameter(torch.zeros(1)) if config.geonorm_learnable_bias else None
 
     def forward(self, h, u):
         a = self.step_init if self.step is None else self.step
-        return geodesic_step(h, u, a * self.decay, self.theta_max, self.center)
+        bias = 0.0 if self.bias is None else self.bias * self.decay
+        return geodesic_step(h, u, a * self.decay, self.theta_max, self.center, bias, self.radius,
+                             self.update_map, self.theta_base_max)
 
 
 class Attention(nn.Module):
@@ -364,14 +438,19 @@ class NGPTBlock(Block):
         return self.ffn_update(h, self.feed_forward(h))
 
 
+def gain_bias(config: TitanGeoNormConfig) -> bool:
+    return config.norm_bias and config.norm_type == "layernorm"
+
+
 class GeoNormBlock(Block):
-    """Two geodesic steps, attention then FFN, each on the update `F(g * h)`."""
+    """Two geodesic steps, attention then FFN, each on the update `F(N(h))`: N the gain `g * h` on
+    the sphere, the config's norm (as Pre-LN) with `geonorm_radius = prenorm`."""
 
     def __init__(self, config: TitanGeoNormConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        bias = config.norm_bias and config.norm_type == "layernorm"
-        self.attention_norm = Gain(config.hidden_size, bias)
-        self.ffn_norm = Gain(config.hidden_size, bias)
+        if config.geonorm_radius == "sphere":
+            self.attention_norm = Gain(config.hidden_size, gain_bias(config))
+            self.ffn_norm = Gain(config.hidden_size, gain_bias(config))
         attn_decay, ffn_decay = config.geonorm_step_decays[layer_idx]
         self.attention_step = GeodesicStep(config, attn_decay)
         self.ffn_step = GeodesicStep(config, ffn_decay)
@@ -417,6 +496,8 @@ class TitanGeoNormPreTrainedModel(PreTrainedModel):
         elif isinstance(module, GeodesicStep):
             if module.step is not None:
                 nn.init.constant_(module.step, module.step_init)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, (NormalizedUpdate, LogitScale)):
             for p in module.parameters():
                 nn.init.constant_(p, module.s_scale)
@@ -440,8 +521,8 @@ class TitanGeoNormModel(TitanGeoNormPreTrainedModel):
             self.norm = None
         elif config.block == "ngpt":
             self.norm = LogitScale(config)
-        elif config.block == "geonorm":
-            self.norm = Gain(config.hidden_size, config.norm_bias and config.norm_type == "layernorm")
+        elif config.block == "geonorm" and config.geonorm_radius == "sphere":
+            self.norm = Gain(config.hidden_size, gain_bias(config))
         else:
             self.norm = build_norm(config)
         self.post_init()
@@ -456,8 +537,8 @@ class TitanGeoNormModel(TitanGeoNormPreTrainedModel):
         h = self.tok_embeddings(input_ids)
         if self.emb_norm is not None:
             h = self.emb_norm(h)
-        if self.config.block == "geonorm":
-            h = project_to_sphere(h, self.config.norm_type == "layernorm")
+        if self.config.block == "geonorm" and self.config.geonorm_radius == "sphere":
+            h = project_to_sphere(h, geonorm_centered(self.config))
         return h
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
