@@ -28,7 +28,7 @@ from torchtitan.models.llama3.model.args import TransformerModelArgs
 from transformers import GenerationConfig, Glm4Config, LlamaConfig, PretrainedConfig
 
 from titan_geonorm.export import modeling_titan_geonorm
-from titan_geonorm.export.mapping import Target, block_of, norm_type_of
+from titan_geonorm.export.mapping import Target, block_of, geonorm_config, norm_type_of
 from titan_geonorm.export.modeling_titan_geonorm import TitanGeoNormConfig
 
 MODELING_FILE = Path(modeling_titan_geonorm.__file__)
@@ -90,19 +90,6 @@ def _llama3_rope(args: TransformerModelArgs, **extra) -> dict:
     )
 
 
-def _geonorm_kwargs(args) -> dict:
-    if block_of(args) != "geonorm":
-        return {}
-    cfg = args.geonorm
-    decays = [list(args.step_decays(i)) for i in range(args.n_layers)]
-    return dict(
-        geonorm_step_decays=decays,
-        geonorm_learnable_step=cfg.learnable_step,
-        geonorm_step_init=float(cfg.step_init),
-        geonorm_theta_max=float(cfg.theta_max),
-    )
-
-
 def hf_config(target: Target, args: TransformerModelArgs, intermediate_size: int,
               bos_id: int | None, eos_id: int | None, dtype: torch.dtype) -> PretrainedConfig:
     """The config of the target class describing exactly the training model `args`."""
@@ -133,7 +120,7 @@ def hf_config(target: Target, args: TransformerModelArgs, intermediate_size: int
         norm_type=norm_type_of(args),
         norm_bias=bool(getattr(args, "norm_bias", False)),
         embedding_norm=bool(getattr(args, "embedding_norm", False)),
-        **_geonorm_kwargs(args),
+        **geonorm_config(args),
     )
     config.auto_map = dict(AUTO_MAP)
     return config
