@@ -8,6 +8,7 @@ Checkpoints here are small DCP folders written in-process, laid out as torchtita
 
 import errno
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
 
 from tests.launch import REPO, TINY_CONFIG, env
-from titan_geonorm.export.load import check_trained_as, load_job_config, save_checkpoint
+from titan_geonorm.export.load import check_trained_as, load_checkpoint, load_job_config, save_checkpoint
 from titan_geonorm.titan.launcher import parse_config
 from titan_geonorm.titan.patches import CheckpointError
 from titan_geonorm.titan.preflight import run_preflight
@@ -101,6 +102,16 @@ def test_launcher_refuses_a_truncated_shard_before_any_compute(dump):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"titan_geonorm: checkpoint {shard.parent}: __0_0.distcp is truncated" in proc.stderr
     assert snapshot(dump) == before and not (dump / "metrics.jsonl").exists()
+
+
+def test_export_of_a_truncated_shard_names_the_file(dump):
+    shard = dump / "checkpoint" / "step-4" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=rf"checkpoint {re.escape(str(shard.parent))}: __0_0.distcp is truncated or "
+                                         r"unreadable \(1000 bytes, .*: export another step"):
+        load_checkpoint(shard.parent, {"w": torch.Size([4096])})
+    assert load_checkpoint(dump / "checkpoint" / "step-2", {"w": torch.Size([4096])})["w"].equal(
+        torch.arange(4096.0))
 
 
 # Disk full during a save (patch 0007): the writer fails as torch's does on a full disk.

@@ -17,6 +17,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from titan_geonorm.titan.patches import checkpoint_damage
+
 NON_MODEL_PREFIXES = ("optimizer.", "lr_scheduler.", "dataloader.", "train_state.")
 
 
@@ -92,6 +94,9 @@ def checkpoint_tensors(path: str | Path) -> dict[str, TensorStorageMetadata]:
             f"{path} is not a DCP checkpoint (no .metadata): pass a step folder such as "
             "<dump_folder>/checkpoint/step-N"
         )
+    damage = checkpoint_damage(str(path))
+    if damage is not None:
+        raise ValueError(f"checkpoint {path}: {damage[0]} {damage[1]}: export another step")
     metadata = FileSystemReader(str(path)).read_metadata()
     return {
         key: meta
