@@ -21,7 +21,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
 
 from tests.launch import REPO, TINY_CONFIG, env
-from titan_geonorm.export.load import check_trained_as, load_checkpoint, load_job_config, save_checkpoint
+from titan_geonorm.export.load import (
+    check_trained_as,
+    load_checkpoint,
+    load_job_config,
+    save_checkpoint,
+)
 from titan_geonorm.titan.launcher import parse_config
 from titan_geonorm.titan.patches import CheckpointError
 from titan_geonorm.titan.preflight import run_preflight
