@@ -32,6 +32,7 @@ from titan_geonorm.export.hf import (  # noqa: E402
 from titan_geonorm.export.load import (  # noqa: E402
     build_model_args,
     check_state_dict,
+    check_trained_as,
     load_checkpoint,
     load_job_config,
     model_shapes,
@@ -98,6 +99,7 @@ def export_checkpoint(config_file: str | Path, checkpoint: str | Path, output: s
     _torch_dtype(dtype)
     check_output(Path(output), overwrite, [Path(checkpoint)])
     job_config = load_job_config(config_file, overrides)
+    check_trained_as(job_config, checkpoint)
     model_cls, args = build_model_args(job_config)
     block_of(args)
     state_dict = load_checkpoint(checkpoint, model_shapes(model_cls, args))

@@ -16,7 +16,6 @@ import argparse
 import sys
 
 from titan_geonorm.export import DTYPES, export_checkpoint, import_to_dcp
-from titan_geonorm.export.load import check_trained_as, load_job_config
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -42,7 +41,6 @@ def main(argv: list[str] | None = None) -> None:
             target = import_to_dcp(args.config, args.checkpoint, args.output, overrides,
                                    args.overwrite)
         else:
-            check_trained_as(load_job_config(args.config, overrides), args.checkpoint)
             target = export_checkpoint(args.config, args.checkpoint, args.output, args.dtype,
                                        overrides, args.max_shard_size, args.overwrite)
     except (ValueError, FileNotFoundError) as e:
