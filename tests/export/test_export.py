@@ -2,6 +2,7 @@
 training model's logits and greedy decoding; checkpoints of any world size export identically."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,11 @@ from titan_geonorm.export.load import load_job_config
 from titan_geonorm.export.mapping import block_of
 from titan_geonorm.models.config import GeoNormConfig
 
+# The third-party reading of arXiv 2601.22095, spelled out so the case does not follow the defaults.
+THIRD_PARTY = GeoNormConfig(radius="prenorm", update_map="exp", attn_decay="harmonic", ffn_decay="harmonic",
+                            decay_index="block", learnable_bias=True, theta_base_max=math.pi / 4,
+                            theta_max=math.pi / 4)
+
 # (block, norm_type, extra args, expected HF class)
 VARIANTS = [
     ("pre", "rmsnorm", {}, "LlamaForCausalLM"),
@@ -28,14 +34,27 @@ VARIANTS = [
     ("post", "rmsnorm", {}, "TitanGeoNormForCausalLM"),
     ("post", "layernorm", {}, "TitanGeoNormForCausalLM"),
     ("peri", "rmsnorm", {}, "Glm4ForCausalLM"),
-    pytest.param("peri", "rmsnorm", {"embedding_norm": True}, "TitanGeoNormForCausalLM", marks=pytest.mark.xfail(strict=True, reason="known bug: KV-cached decode of custom Peri-LN diverges (issue 15 note)")),
-    pytest.param("peri", "layernorm", {"norm_bias": True}, "TitanGeoNormForCausalLM", marks=pytest.mark.xfail(strict=True, reason="known bug: KV-cached decode of custom Peri-LN diverges (issue 15 note)")),
-    ("geonorm", "rmsnorm", {"geonorm": GeoNormConfig(attn_decay="sqrt", ffn_decay="linear")},
+    ("peri", "rmsnorm", {"embedding_norm": True}, "TitanGeoNormForCausalLM"),
+    ("peri", "layernorm", {"norm_bias": True}, "TitanGeoNormForCausalLM"),
+    ("geonorm", "rmsnorm", {"geonorm": GeoNormConfig(radius="sphere", attn_decay="sqrt", ffn_decay="linear")},
      "TitanGeoNormForCausalLM"),
     ("geonorm", "layernorm", {"norm_bias": True,
-                              "geonorm": GeoNormConfig(learnable_step=False, step_init=0.7,
+                              "geonorm": GeoNormConfig(radius="sphere", learnable_step=False, step_init=0.7,
                                                        decay_index="block", ffn_decay="harmonic")},
      "TitanGeoNormForCausalLM"),
+    pytest.param("geonorm", "rmsnorm",
+                 {"geonorm": GeoNormConfig(radius="prenorm", update_map="exp", attn_decay="sqrt",
+                                           ffn_decay="sqrt", decay_index="sublayer", learnable_bias=False,
+                                           theta_base_max=math.inf, theta_max=math.pi / 2)},
+                 "TitanGeoNormForCausalLM", id="geonorm-rmsnorm-prenorm-exp-sqrt"),
+    pytest.param("geonorm", "rmsnorm", {"geonorm": THIRD_PARTY}, "TitanGeoNormForCausalLM",
+                 id="geonorm-rmsnorm-prenorm-third-party"),
+    pytest.param("geonorm", "layernorm",
+                 {"norm_bias": True, "geonorm": GeoNormConfig(radius="prenorm", update_map="retraction",
+                                                              attn_decay="linear", ffn_decay="none",
+                                                              learnable_bias=True, theta_base_max=1.0,
+                                                              theta_max=math.pi / 3)},
+                 "TitanGeoNormForCausalLM", id="geonorm-layernorm-prenorm-retraction"),
     ("ngpt", "rmsnorm", {}, "TitanGeoNormForCausalLM"),
 ]
 
@@ -79,6 +98,29 @@ def test_variant_logits_and_generate_match(make_variant, tokenizer_dir, tmp_path
     assert_greedy(model, generated, prompt.shape[1])
 
 
+@pytest.mark.parametrize("geonorm, base_max", [(THIRD_PARTY, math.pi / 4),
+                                               (GeoNormConfig(radius="sphere", theta_base_max=math.inf), None)],
+                         ids=["third-party", "sphere-unclamped"])
+def test_config_json_carries_every_geonorm_key(make_variant, tokenizer_dir, tmp_path, geonorm, base_max):
+    """Each `[geonorm]` key as `geonorm_<key>` (inf as null), and the modeling file builds what
+    they say: real norms and no sphere projection for the Pre-Norm radius, gains on the sphere."""
+    model, args = make_variant("geonorm", geonorm=geonorm)
+    export_state_dict(model.state_dict(), args, tmp_path, tokenizer_dir)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("radius", "update_map", "attn_decay", "ffn_decay", "decay_index", "learnable_bias",
+                "learnable_step", "step_init", "theta_max"):
+        assert config[f"geonorm_{key}"] == getattr(geonorm, key), key
+    assert config["geonorm_theta_base_max"] == base_max
+    assert config["geonorm_step_decays"] == [list(args.step_decays(i)) for i in range(args.n_layers)]
+    hf = load_hf(tmp_path)
+    block = hf.model.layers[0]
+    prenorm = geonorm.radius == "prenorm"
+    assert isinstance(block.attention_norm, torch.nn.RMSNorm) == prenorm
+    assert isinstance(hf.model.norm, torch.nn.RMSNorm) == prenorm
+    assert (block.attention_step.bias is not None) == geonorm.learnable_bias
+    torch.testing.assert_close(hf.model.layers[1].ffn_step.bias, model.layers["1"].ffn_step.bias)
+
+
 @pytest.mark.parametrize("block", ["post", "geonorm", "ngpt"])
 def test_kv_cache_steps_equal_full_forward(make_variant, tokenizer_dir, tmp_path, block):
     """Decoding token by token from the DynamicCache gives the logits of one full forward."""
@@ -95,6 +137,21 @@ def test_kv_cache_steps_equal_full_forward(make_variant, tokenizer_dir, tmp_path
             steps.append(out.logits[:, -1])
     assert out.past_key_values.get_seq_length() == 12
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 7:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("block", ["peri", "geonorm"])
+def test_generate_decodes_from_its_cache(make_variant, tokenizer_dir, tmp_path, block):
+    """Each step's logits in `generate()` are the full forward's of the same prefix: the modeling
+    file reads the cache under the name transformers passes it (`cache` from transformers 5 on)."""
+    model, args = make_variant(block, embedding_norm=True)
+    export_state_dict(model.state_dict(), args, tmp_path, tokenizer_dir)
+    hf = load_hf(tmp_path)
+    prompt = torch.randint(2, args.vocab_size, (1, 4), generator=torch.Generator().manual_seed(5))
+    out = hf.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0,
+                      output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        full = hf(out.sequences[:, :-1], use_cache=False).logits
+    torch.testing.assert_close(torch.cat(out.logits), full[0, 3:], atol=1e-5, rtol=0)
 
 
 def test_bfloat16_sharded_export(make_variant, tokenizer_dir, tmp_path):

@@ -582,8 +582,11 @@ class TitanGeoNormForCausalLM(TitanGeoNormPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=None, labels=None, **kwargs):
+                use_cache=None, labels=None, cache=None, **kwargs):
+        """`cache` is what `generate()` passes from transformers 5 on (`past_key_values` before): a
+        cache left unread would make every decode step see only its own token."""
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        past_key_values = cache if cache is not None else past_key_values
         h, past_key_values = self.model(input_ids, attention_mask, position_ids, past_key_values,
                                         use_cache)
         logits = self.lm_head(h)
