@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from titan_geonorm.geonorm import (
     DECAY_SCHEDULES,
@@ -16,6 +17,9 @@ from titan_geonorm.geonorm import (
     project_to_sphere,
     step_polar,
 )
+from titan_geonorm.models.args import VariantModelArgs
+from titan_geonorm.models.config import GeoNormConfig
+from titan_geonorm.models.model import VariantTransformer
 
 DIM = 32
 
@@ -164,15 +168,26 @@ def test_prenorm_radius_is_pre_ln_norm_and_angle_is_scaled():
     torch.testing.assert_close(theta.squeeze(-1), 0.5 * phi)
 
 
-def test_exp_map_differs_from_pre_ln_quadratically():
-    """||exp-map step - (h + u)|| for u = eps w: the log-log slope over eps is 2."""
-    h = _sphere(8, dtype=torch.float64)
+@pytest.mark.parametrize("radius", RADII)
+def test_exp_map_differs_from_retraction_quadratically(radius):
+    """For u = eps w over three decades of eps, ||exp-map step - retraction|| / eps^2 stays within
+    a factor 1.1 and the log-log slope is 2: the angles ||v||/||h|| and atan2(||v||/||h||, 1 + c)
+    differ by ~ c ||v||/||h||. The retraction is h + u (prenorm) or ||h|| (h + u)/||h + u|| (sphere)."""
+    h = _sphere(8, dtype=torch.float64) * 2.0
     w = torch.randn(8, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    eps = torch.tensor([1e-1, 5e-2, 2.5e-2, 1.25e-2, 6.25e-3], dtype=torch.float64)
-    errors = torch.stack([(geodesic_step(h, e * w, 1.0, radius="prenorm") - (h + e * w)).norm(dim=-1).max()
-                          for e in eps])
+    eps = torch.logspace(-4, -1, 7, dtype=torch.float64)
+    errors = []
+    for e in eps:
+        u = e * w
+        retraction = h + u if radius == "prenorm" else h.norm(dim=-1, keepdim=True) * F.normalize(h + u, dim=-1)
+        torch.testing.assert_close(geodesic_step(h, u, 1.0, math.pi, radius=radius, update_map="retraction"),
+                                   retraction, rtol=0, atol=1e-12)
+        errors.append((geodesic_step(h, u, 1.0, math.pi, radius=radius) - retraction).norm(dim=-1).max())
+    errors = torch.stack(errors)
+    per_eps2 = errors / eps.square()
+    assert per_eps2.max() < 1.1 * per_eps2.min(), per_eps2
     slope = torch.linalg.lstsq(torch.stack([eps.log(), torch.ones_like(eps)], 1), errors.log()[:, None])
-    assert 1.9 < slope.solution[0].item() < 2.1, errors
+    assert 1.98 < slope.solution[0].item() < 2.02, errors
 
 
 def test_base_clamp_bias_and_final_clamp():
@@ -242,3 +257,101 @@ def test_project_to_sphere_and_gain():
         gain.bias.fill_(1.0)
     torch.testing.assert_close(gain(x), 2 * x + 1)
     assert Gain(DIM).bias is None
+
+
+def test_base_angle_clamp_applies_to_both_update_maps():
+    """theta_base_max caps theta_0 before the step scale: with step 0.5 the angle is at most
+    0.5 theta_base_max, for the exp map (theta_0 = ||v||/||h||) and the retraction (Pre-LN's phi)."""
+    h = _sphere(64, dtype=torch.float64)
+    u = 3.0 * _updates(64, dtype=torch.float64)
+    for update_map in UPDATE_MAPS:
+        free, _ = step_polar(h, u, 0.5, math.pi, update_map=update_map)
+        clamped, _ = step_polar(h, u, 0.5, math.pi, update_map=update_map, theta_base_max=0.3)
+        torch.testing.assert_close(clamped, torch.minimum(free, torch.full_like(free, 0.15)))
+        assert (free > 0.15).any() and (free < 0.15).any()
+        out = geodesic_step(h, u, 0.5, math.pi, update_map=update_map, theta_base_max=0.3)
+        cos = torch.nn.functional.cosine_similarity(out, h, dim=-1)
+        torch.testing.assert_close(cos, torch.cos(clamped.squeeze(-1)))
+
+
+def test_learnable_bias_starts_at_zero_and_learns():
+    """b_k (init 0) leaves the update unchanged, gets a gradient, and enters as
+    theta = s(k) (a_k theta_0 + b_k)."""
+    h = _sphere(6, dtype=torch.float64)
+    u = 0.3 * torch.randn(6, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    plain = GeodesicStep(decay=0.5, step_init=0.8, theta_max=math.pi, radius="prenorm")
+    biased = GeodesicStep(decay=0.5, step_init=0.8, theta_max=math.pi, radius="prenorm", learnable_bias=True)
+    assert [n for n, _ in biased.named_parameters()] == ["step", "bias"] and biased.bias.item() == 0.0
+    torch.testing.assert_close(biased(h, u), plain(h, u), rtol=0, atol=0)
+    # Not ||out||^2: with the Pre-Norm radius the norm does not depend on the angle.
+    (biased(h, u) * torch.randn(6, DIM, dtype=torch.float64)).sum().backward()
+    assert biased.bias.grad.abs().item() > 0
+    with torch.no_grad():
+        biased.bias.fill_(0.2)
+    theta, _ = biased.polar(h, u)
+    free, _ = step_polar(h, u, 1.0, math.pi)
+    torch.testing.assert_close(theta, 0.5 * (0.8 * free + 0.2))
+    cos = F.cosine_similarity(biased(h, u), h, dim=-1)
+    torch.testing.assert_close(cos, torch.cos(theta.squeeze(-1)))
+
+
+SHAPE = dict(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16, multiple_of=16)
+
+
+def _model(block: str, norm_type: str = "rmsnorm", geonorm: GeoNormConfig | None = None) -> VariantTransformer:
+    torch.manual_seed(0)
+    args = VariantModelArgs(**SHAPE, block=block, norm_type=norm_type, norm_bias=norm_type == "layernorm",
+                            geonorm=geonorm or GeoNormConfig())
+    model = VariantTransformer(args)
+    with torch.no_grad():
+        model.init_weights()
+    return model
+
+
+@pytest.mark.parametrize("norm_type", ["rmsnorm", "layernorm"])
+def test_prenorm_retraction_model_is_pre_ln(norm_type):
+    """llama3_geonorm with the Pre-Norm radius, the retraction, step fixed at 1 and no decay, bias or
+    clamp computes llama3_preln's logits with the same weights (the names are the same)."""
+    pre = _model("pre", norm_type)
+    with torch.no_grad():
+        for p in pre.parameters():
+            if p.ndim == 1:  # gains and biases off their init, so a dropped norm would show
+                p.add_(0.2 * torch.randn_like(p))
+    exact = GeoNormConfig(radius="prenorm", update_map="retraction", attn_decay="none", ffn_decay="none",
+                          learnable_step=False, step_init=1.0, learnable_bias=False,
+                          theta_base_max=math.inf, theta_max=math.pi)
+    geo = _model("geonorm", norm_type, exact)
+    geo.load_state_dict(pre.state_dict(), strict=True)
+    tokens = torch.randint(0, SHAPE["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference, logits = pre(tokens), geo(tokens)
+    assert (logits - reference).abs().max().item() <= 1e-5
+    assert reference.abs().max().item() > 0.1
+
+
+def test_decay_index_block_shares_the_decay_of_both_sublayers():
+    """decay_index = block: both steps of block l use s(l) of K = L steps; sublayer: s(2l), s(2l+1)
+    of K = 2L. The block's forward applies it."""
+    L = SHAPE["n_layers"]
+    for schedule, expected in (("harmonic", lambda l: 1 / (l + 1)), ("linear", lambda l: (L - l) / L)):
+        model = _model("geonorm", geonorm=GeoNormConfig(attn_decay=schedule, ffn_decay=schedule,
+                                                        decay_index="block"))
+        for l, block in model.layers.items():
+            assert block.attention_step.decay == block.ffn_step.decay == pytest.approx(expected(int(l)))
+    sublayer = _model("geonorm", geonorm=GeoNormConfig(attn_decay="harmonic", ffn_decay="harmonic",
+                                                       decay_index="sublayer"))
+    assert (sublayer.layers["1"].attention_step.decay, sublayer.layers["1"].ffn_step.decay) == (
+        pytest.approx(1 / 3), pytest.approx(1 / 4))
+    cfg = GeoNormConfig(attn_decay="harmonic", ffn_decay="harmonic", decay_index="block")
+    block = _model("geonorm", geonorm=cfg).layers["2"]
+    with torch.no_grad():
+        block.attention_step.step.fill_(0.9)
+        block.ffn_step.bias.fill_(0.1)
+    x = 3.0 * torch.randn(2, 16, SHAPE["dim"], generator=torch.Generator().manual_seed(2))
+    fc = _model("geonorm", geonorm=cfg).freqs_cis
+    options = dict(theta_max=cfg.theta_max, radius=cfg.radius, update_map=cfg.update_map,
+                   theta_base_max=cfg.theta_base_max)
+    with torch.no_grad():
+        h = geodesic_step(x, block.attention(block.attention_norm(x), fc, None), 0.9 / 3, **options)
+        expected = geodesic_step(h, block.feed_forward(block.ffn_norm(h)), 1 / 3, bias=0.1 / 3, **options)
+        torch.testing.assert_close(block(x, fc, None), expected)

@@ -63,7 +63,7 @@ def geodesic_step(
     Pre-LN turns the direction by phi ~ ||v||/||h|| (its implicit 1/||h|| step decay) and grows
     the norm to ||h + u||. The scaled rule keeps the norm and rescales only the angle:
         theta_0 = min(||v||/||h||, theta_base_max)     (update_map exp: the geodesic's angle)
-                  phi                                  (update_map retraction)
+                  min(phi, theta_base_max)             (update_map retraction)
         theta   = clamp(step theta_0 + bias, -theta_max, theta_max)
         h'      = R (cos(theta) h/||h|| + sin(theta) v/||v||)
         R       = ||h|| (radius sphere)  or  ||h + u|| (radius prenorm)
@@ -115,6 +115,10 @@ def _polar(h, u, step, theta_max, center, bias, update_map, theta_base_max):
         series = (one_c > 0) & (ratio < _SERIES * one_c.abs())
         base = torch.where(series, 1 / one_c.abs().clamp_min(_MIN_SQ_NORM),
                            theta / ratio.clamp_min(_MIN_SQ_NORM))
+        if not math.isinf(theta_base_max):
+            clamped = theta > theta_base_max
+            theta = torch.where(clamped, theta_base_max, theta)
+            base = torch.where(clamped, theta_base_max / ratio.clamp_min(_MIN_SQ_NORM), base)
     elif math.isinf(theta_base_max):
         theta, base = ratio, 1.0
     else:
