@@ -15,6 +15,7 @@ from tests.distributed import run_distributed_test
 from titan_geonorm.diagnostics import Diagnostics, DiagnosticsConfig, build_diagnostics
 from torchtitan.models.llama3.model.model import apply_rotary_emb  # noqa: I001 (after the plugin)
 from titan_geonorm.models.args import VariantModelArgs
+from titan_geonorm.models.config import GeoNormConfig
 from titan_geonorm.models.model import VariantTransformer
 
 D = "diagnostics/"
@@ -167,6 +168,41 @@ def test_geonorm_theta_and_ones_angle_single_process():
         math.degrees(math.acos(c.mean().item())), rel=1e-6)
     assert metrics[f"{D}ones_angle_abs_deg/layers.1.ffn_norm"] == pytest.approx(
         math.degrees(math.acos(c.abs().mean().item())), rel=1e-6)
+
+
+@pytest.mark.parametrize("radius", ["prenorm", "sphere"])
+def test_geonorm_radius_growth_per_step(radius):
+    """`radius_growth/<step>` is the mean per-token R/||h|| of each geodesic step: ||h + u||/||h||
+    with the Pre-Norm radius (the norm a Pre-LN residual would reach), 1 on the sphere."""
+    torch.manual_seed(0)
+    args = VariantModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16,
+                            block="geonorm", geonorm=GeoNormConfig(radius=radius))
+    model = VariantTransformer(args)
+    with torch.no_grad():
+        model.init_weights()
+        for block in model.layers.values():  # updates comparable to the state, so R/||h|| is far from 1
+            block.attention.wo.weight.mul_(30.0)
+            block.feed_forward.w2.weight.mul_(30.0)
+    captured = {}
+    handles = [
+        model.layers[i].get_submodule(name).register_forward_hook(
+            lambda m, a, out, key=f"layers.{i}.{name}": captured.update({key: (a[0], a[1])}))
+        for i in ("0", "1") for name in ("attention_step", "ffn_step")
+    ]
+    diag = Diagnostics(DiagnosticsConfig(enable=True, freq=1), [model])
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    diag.begin(1)
+    model(tokens).sum().backward()
+    diag.after_backward()
+    metrics = diag.end(1)
+    for handle in handles:
+        handle.remove()
+    assert len(captured) == 4
+    for key, (h, u) in captured.items():
+        h, u = h.detach().double(), u.detach().double()
+        expected = ((h + u).norm(dim=-1) / h.norm(dim=-1)).mean().item() if radius == "prenorm" else 1.0
+        assert metrics[f"{D}radius_growth/{key}"] == pytest.approx(expected, rel=1e-9), key
+        assert radius == "sphere" or abs(expected - 1) > 1e-4, (key, expected)
 
 
 def test_off_registers_nothing():
