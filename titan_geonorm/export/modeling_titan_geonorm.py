@@ -183,7 +183,7 @@ def geodesic_step(h, u, step, theta_max: float, center: bool, bias=0.0, radius: 
         u32 = u32 - u32.mean(dim=-1, keepdim=True)
     sq_norm = (h32 * h32).sum(dim=-1, keepdim=True).clamp_min(_MIN_SQ_NORM)
     one_c = 1 + (h32 * u32).sum(dim=-1, keepdim=True) / sq_norm
-    v = u32 - (one_c - 1) * h32
+    v = torch.addcmul(u32, one_c - 1, h32, value=-1)
     # Accumulated in fp64 so that ||v||^2 cannot overflow for huge updates.
     v_norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True, dtype=torch.float64).to(dtype)
     ratio = v_norm / sq_norm.sqrt()
