@@ -20,16 +20,26 @@ CASES = [
     ("llama3_periln", "layernorm", 4, ["--parallelism.tensor_parallel_degree", "2",
                                        "--parallelism.data_parallel_shard_degree", "2",
                                        "--activation_checkpoint.mode", "full"]),
+    # GeoNorm's radius is named in each case, so both stay covered whatever the default.
     ("llama3_geonorm", "rmsnorm", 2, ["--parallelism.data_parallel_shard_degree", "2",
-                                      "--compile.enable"]),
+                                      "--compile.enable", "--geonorm.radius", "sphere"]),
+    ("llama3_geonorm", "rmsnorm", 2, ["--parallelism.data_parallel_shard_degree", "2",
+                                      "--activation_checkpoint.mode", "selective",
+                                      "--geonorm.radius", "prenorm"]),
     ("llama3_geonorm", "layernorm", 2, ["--parallelism.tensor_parallel_degree", "2",
                                         "--parallelism.data_parallel_shard_degree", "1",
-                                        "--model.norm_bias"]),
+                                        "--activation_checkpoint.mode", "full",
+                                        "--model.norm_bias", "--geonorm.radius", "prenorm"]),
 ]
 
 
+def _case_id(name: str, norm: str, nproc: int, overrides: list[str]) -> str:
+    radius = overrides[overrides.index("--geonorm.radius") + 1] if "--geonorm.radius" in overrides else ""
+    return "-".join(filter(None, [name, norm, f"{nproc}ranks", radius]))
+
+
 @pytest.mark.parametrize("name, norm, nproc, overrides", CASES,
-                         ids=[f"{c[0]}-{c[1]}-{c[2]}ranks" for c in CASES])
+                         ids=[_case_id(*c) for c in CASES])
 def test_variant_trains(name, norm, nproc, overrides, tmp_path):
     # Post-LN and GeoNorm learn more slowly than Pre-LN early on (docs/benchmarks.md): 16 steps.
     train(tmp_path, "--model.name", name, "--model.norm_type", norm, "--training.steps", "16",
