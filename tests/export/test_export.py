@@ -249,7 +249,8 @@ def test_cli_refuses_checkpoint_config_mismatch(seed, tmp_path):
     ("pre", {}, "LlamaForCausalLM"),
     ("peri", {}, "Glm4ForCausalLM"),
     ("peri", {"embedding_norm": True}, "TitanGeoNormForCausalLM"),
-], ids=["llama", "glm4", "custom"])
+    ("geonorm", {"geonorm": GeoNormConfig(theta_base_max=math.inf)}, "TitanGeoNormForCausalLM"),
+], ids=["llama", "glm4", "custom", "custom-geonorm"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_config_json_is_what_save_pretrained_writes(make_variant, tokenizer_dir, tmp_path,
                                                     block, extra, hf_class, dtype):
