@@ -1,21 +1,23 @@
 """nGPT (`titan_geonorm.ngpt`, train spec `llama3_ngpt`): its update and block written out from the
-paper's equations, the unit-sphere invariants after optimizer steps of either container, FSDP2
-training like one process."""
+paper's equations, the unit-sphere invariants after optimizer steps of either container, FSDP2 and
+TP training like one process, resume like an uninterrupted run."""
 
 import ast
 import copy
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torchtitan.config import ConfigManager
 from torchtitan.models.llama3.model.model import apply_rotary_emb
 
 from tests.distributed import next_token_loss, parallel_dims, run_distributed_test
-from tests.launch import TINY_CONFIG
+from tests.launch import TINY_CONFIG, losses, steps, train
 from tests.models.test_model import SHAPE, build, perturb_gains, tokens
 from titan_geonorm import ngpt
 from titan_geonorm.ngpt import ngpt_update
@@ -129,35 +131,77 @@ def test_states_and_weights_stay_on_the_unit_sphere(optimizer):
 
 
 def _train_like_one_process():
-    """3 AdamW steps through torchtitan's container under FSDP2 on 2 ranks: the parameters must
-    be the one-process run's, on the unit sphere."""
+    """4 AdamW steps through torchtitan's container under FSDP2 (2 ranks), then TP (2 ranks): each
+    step's loss and the final parameters must be the one-process run's, on the unit sphere.
+
+    AdamW's eps is 1e-6 here: with the default 1e-8 its first step is about lr * sign(g), so an
+    entry whose gradient is near 1e-8 turns reduction-order noise of 1e-11 into a parameter
+    difference of 1e-5 (measured under TP; the losses agree to 1e-6 either way)."""
     job_config = ConfigManager().parse_args(
         ["--job.custom_config_module", "titan_geonorm.config", "--training.seq_len", "16",
          "--parallelism.disable_loss_parallel", "--training.mixed_precision_param", "float32",
-         "--optimizer.lr", "1e-2", "--optimizer.implementation", "for-loop"]
+         "--optimizer.lr", "1e-2", "--optimizer.eps", "1e-6", "--optimizer.implementation", "for-loop"]
     )
-    for dp_shard, tp in ((2, 1),):
+    for dp_shard, tp in ((2, 1), (1, 2)):
         dims = parallel_dims(dp_shard, tp)
         ref = build("ngpt")
         perturb_gains(ref)
         model = parallelize_variant(copy.deepcopy(ref), dims, job_config)
         optimizers = [build_optimizers([m], job_config.optimizer, d) for m, d in ((ref, None), (model, dims))]
         dp_rank = dims.get_mesh("fsdp").get_local_rank() if dims.fsdp_enabled else 0
-        for step in range(3):
+        for step in range(4):
             batch = tokens(seed=10 + step, length=17).repeat(2, 1)
             batch[1::2] = batch[1::2].roll(3, dims=1)
             num_tokens = batch[:, 1:].numel()
-            next_token_loss(ref, batch, num_tokens).backward()
-            next_token_loss(model, batch.chunk(dp_shard)[dp_rank], num_tokens).backward()
+            ref_loss = next_token_loss(ref, batch, num_tokens)
+            ref_loss.backward()
+            loss = next_token_loss(model, batch.chunk(dp_shard)[dp_rank], num_tokens)
+            loss.backward()
+            total = loss.detach().clone()
+            if dims.fsdp_enabled:
+                dist.all_reduce(total, group=dims.get_mesh("fsdp").get_group())
+            torch.testing.assert_close(total, ref_loss.detach(), atol=1e-5, rtol=0,
+                                       msg=f"dp {dp_shard} tp {tp} loss at step {step}")
             for container in optimizers:
                 container.step()
                 container.zero_grad()
-        for (name, p_ref), (_, p) in zip(ref.named_parameters(), model.named_parameters(), strict=True):
+        ref_params = dict(ref.named_parameters())
+        for name, p in model.named_parameters():
             full = p.full_tensor() if isinstance(p, DTensor) else p
+            p_ref = ref_params[name.replace("_checkpoint_wrapped_module.", "")]
             torch.testing.assert_close(full, p_ref, atol=1e-5, rtol=1e-4, msg=f"dp {dp_shard} tp {tp} {name}")
         _assert_unit(_embedding_dim_norms(model))
 
 
 @pytest.mark.distributed
-def test_fsdp2_training_matches_one_process():
+def test_fsdp2_and_tp2_training_match_one_process():
     run_distributed_test(_train_like_one_process, 2)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("optimizer", ["AdamW", "ManifoldMuon"])
+def test_tp2_trainer_losses_match_one_process(optimizer, tmp_path):
+    """The real launcher and trainer (loss parallel on, nGPT hook after each step): TP=2 gives the
+    one-process losses over 6 steps, from the same seed (TP shards are slices of one full init)."""
+    one, tp = tmp_path / "one", tmp_path / "tp"
+    args = ("--model.name", "llama3_ngpt", "--optimizer.name", optimizer, "--training.steps", "6")
+    train(one, *args)
+    train(tp, *args, "--model.hf_assets_path", str(one / "tokenizer"),
+          "--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1",
+          nproc=2)
+    assert losses(tp) == pytest.approx(losses(one), abs=1e-5)
+
+
+@pytest.mark.distributed
+def test_resume_reproduces_uninterrupted_losses(tmp_path):
+    """6 steps with a checkpoint at step 3; a run restarted from that checkpoint (weights, AdamW
+    state, LR schedule, data position) gives steps 4-6 of the uninterrupted run."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = ("--model.name", "llama3_ngpt", "--training.steps", "6", "--checkpoint.enable",
+            "--checkpoint.interval", "3")
+    train(full, *args)
+    (resumed / "checkpoint").mkdir(parents=True)
+    shutil.copytree(full / "checkpoint" / "step-3", resumed / "checkpoint" / "step-3")
+    train(resumed, *args, "--model.hf_assets_path", str(full / "tokenizer"))
+    assert steps(resumed) == [4, 5, 6]
+    assert losses(resumed) == pytest.approx(losses(full)[3:], abs=1e-5)
