@@ -18,7 +18,7 @@ from tests.launch import REPO, TINY_CONFIG, env
 from titan_geonorm.evaluate import dcp_model
 from titan_geonorm.export import export_checkpoint, export_state_dict
 from titan_geonorm.export.hf import read_weights
-from titan_geonorm.export.load import load_job_config
+from titan_geonorm.export.load import build_model_args, load_checkpoint, load_job_config, model_shapes
 from titan_geonorm.export.mapping import block_of
 from titan_geonorm.models.config import GeoNormConfig
 
@@ -239,7 +239,11 @@ def test_cli_refuses_checkpoint_config_mismatch(seed, tmp_path):
     proc = export_cli("--config", str(TINY_CONFIG), "--checkpoint", str(checkpoint),
                       "--output", str(tmp_path / "a"), "--model.flavor", "tiny12")
     assert proc.returncode == 2
-    assert "lacks weight 'layers.4." in proc.stderr
+    assert "model.flavor = 'tiny12', but the checkpoint" in proc.stderr and "model.flavor = 'tiny'" in proc.stderr
+    # A checkpoint without a run record (imported, model-only) is still checked by its shapes.
+    model_cls, args = build_model_args(load_job_config(TINY_CONFIG, ["--model.flavor", "tiny12"]))
+    with pytest.raises(ValueError, match="lacks weight 'layers.4."):
+        load_checkpoint(checkpoint, model_shapes(model_cls, args))
     with pytest.raises(FileNotFoundError, match="not a DCP checkpoint"):
         export_checkpoint(TINY_CONFIG, seed / "checkpoint", tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

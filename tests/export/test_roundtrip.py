@@ -54,8 +54,6 @@ def test_import_refuses_other_variant_and_shapes(make_variant, tokenizer_dir, tm
         import_state_dict(tmp_path, VariantTransformer, wider)
 
 
-@pytest.mark.xfail(strict=True, reason="export/__init__.py _CHECKED_CONFIG_KEYS does not list the "
-                   "geonorm_* keys of mapping.geonorm_config beyond the first four")
 @pytest.mark.parametrize("key, value", [("radius", "sphere"), ("update_map", "retraction"),
                                         ("theta_base_max", math.inf)])
 def test_import_refuses_other_geonorm_mode(make_variant, tokenizer_dir, tmp_path, key, value):

@@ -108,15 +108,46 @@ def test_geonorm_block_formula():
     torch.testing.assert_close(block(x, fc, None), expected)
 
 
+def test_geonorm_default_block_formula():
+    """The shipped default: Pre-LN's norm ||h + u||, the direction turned by
+    theta = clamp(s(l) (a min(|v|/|h|, pi/4) + b), pi/4) with s(l) = 1/(l+1) for both sublayers.
+    In float64: the bias turns the state by a finite angle towards v/|v| however small v is, and
+    fp32 rounding of v then shows at ~1e-5."""
+    model = build("geonorm")
+    perturb_gains(model)
+    for p in model.parameters():
+        p.data = p.data.double()
+    i = 1
+    block, x = model.layers[str(i)], 3.0 * torch.randn(2, 16, SHAPE["dim"], dtype=torch.float64)
+    fc, s = model.freqs_cis, 1 / (i + 1)
+
+    def step(h, u, sub):
+        v = u - (h * u).sum(-1, keepdim=True) / h.pow(2).sum(-1, keepdim=True) * h
+        base = (v.norm(dim=-1, keepdim=True) / h.norm(dim=-1, keepdim=True)).clamp(max=math.pi / 4)
+        theta = (s * (sub.step * base + sub.bias)).clamp(-math.pi / 4, math.pi / 4)
+        unit = torch.cos(theta) * h / h.norm(dim=-1, keepdim=True) + torch.sin(theta) * v / v.norm(dim=-1, keepdim=True)
+        return (h + u).norm(dim=-1, keepdim=True) * unit
+
+    h = step(x, block.attention(direct_norm(x, block.attention_norm), fc, None), block.attention_step)
+    expected = step(h, block.feed_forward(direct_norm(h, block.ffn_norm)), block.ffn_step)
+    torch.testing.assert_close(block(x, fc, None), expected)
+
+
+# DESIGN.md's first reconstruction (states on the sphere of radius sqrt(d)), which the formulas
+# above write out; the shipped defaults are the Pre-Norm radius with the paper's decay.
+SPHERE = dict(radius="sphere", attn_decay="none", ffn_decay="none", decay_index="sublayer",
+              learnable_bias=False, theta_base_max=math.inf, theta_max=math.pi / 2)
+
+
 def _geonorm_cfg(**kwargs):
     from titan_geonorm.models.config import GeoNormConfig
 
-    return GeoNormConfig(**kwargs)
+    return GeoNormConfig(**{**SPHERE, **kwargs})
 
 
 @pytest.mark.parametrize("norm_type", NORMS)
 def test_geonorm_states_stay_on_the_sphere(norm_type):
-    model = build("geonorm", norm_type, norm_bias=True)
+    model = build("geonorm", norm_type, norm_bias=True, geonorm=_geonorm_cfg())
     perturb_gains(model)
     states = []
     for layer in model.layers.values():
@@ -135,7 +166,8 @@ EXTRA_NAMES = {
     "pre": set(),
     "post": set(),
     "peri": {"layers.0.attention_out_norm.weight", "layers.0.ffn_out_norm.weight", "emb_norm.weight"},
-    "geonorm": {"layers.0.attention_step.step", "layers.0.ffn_step.step"},
+    "geonorm": {"layers.0.attention_step.step", "layers.0.ffn_step.step",
+                "layers.0.attention_step.bias", "layers.0.ffn_step.bias"},
     "ngpt": {f"layers.0.{n}" for n in ("attention.wq.scale", "attention.wk.scale", "attention_update.alpha",
                                         "feed_forward.w1.scale", "feed_forward.w3.scale",
                                         "ffn_update.alpha")},
@@ -213,7 +245,7 @@ def test_update_from_config_reads_the_toml_sections():
     args = VariantModelArgs(**SHAPE, block="geonorm")
     args.update_from_config(
         parse(
-            "--model.norm_type", "layernorm", "--model.norm_bias",
+            "--model.norm_type", "layernorm", "--model.norm_bias", "--geonorm.radius", "sphere",
             "--geonorm.ffn_decay", "sqrt", "--geonorm.decay_index", "block",
             "--geonorm.step_init", "0.5", "--geonorm.theta_max", "1.0", "--peri_ln.embedding_norm",
         )

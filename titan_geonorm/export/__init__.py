@@ -50,8 +50,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _CHECKED_CONFIG_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "rms_norm_eps", "norm_eps", "rope_parameters", "rope_theta",
-    "block", "norm_type", "norm_bias", "embedding_norm", "geonorm_step_decays",
-    "geonorm_learnable_step", "geonorm_step_init", "geonorm_theta_max",
+    "block", "norm_type", "norm_bias", "embedding_norm",
 )
 
 
@@ -109,7 +108,8 @@ def export_checkpoint(config_file: str | Path, checkpoint: str | Path, output: s
 
 
 def _check_config(found: dict, expected: dict, folder: Path) -> None:
-    for key in _CHECKED_CONFIG_KEYS:
+    # Every [geonorm] key (mapping.geonorm_config): same weights under another mode are another model.
+    for key in (*_CHECKED_CONFIG_KEYS, *(k for k in expected if k.startswith("geonorm_"))):
         if key in expected and found.get(key) != expected[key]:
             raise ValueError(
                 f"{folder}/config.json: {key} = {found.get(key)!r} but the configured model has "

@@ -37,11 +37,15 @@ class ModelExtras:
 class GeoNormConfig:
     """`[geonorm]`: choices of the GeoNorm residual update (`titan_geonorm.geonorm.geodesic_step`).
 
-    The third-party reading of arXiv 2601.22095 is `theta_base_max = theta_max = pi/4`,
+    The defaults are the best GeoNorm measured (docs/experiments.md, "GeoNorm"): the Pre-Norm
+    radius with the third-party reading of arXiv 2601.22095, `theta_base_max = theta_max = pi/4`,
     `learnable_bias = true`, `decay_index = "block"`, harmonic decay for both sublayers.
+    DESIGN.md's first reconstruction is `radius = "sphere"`, `attn_decay = ffn_decay = "none"`,
+    `decay_index = "sublayer"`, `learnable_bias = false`, `theta_base_max = inf`,
+    `theta_max = pi/2` (it trains like Post-LN).
     """
 
-    radius: str = "sphere"
+    radius: str = "prenorm"
     """`sphere`: the state keeps radius sqrt(d) (embeddings projected onto it, gain-only norms,
     DESIGN.md section 3); `prenorm`: its norm evolves as Pre-LN's residual would (||h + u||) while
     the direction moves along the geodesic; sublayers and the head read real norms (with gains)
@@ -52,31 +56,32 @@ class GeoNormConfig:
     angle atan2(||v||/||h||, 1 + <h,u>/||h||^2), which with radius `prenorm`, no decay, bias or
     clamp is Pre-LN exactly (`sphere`: Post-LN)."""
 
-    attn_decay: str = "none"
+    attn_decay: str = "harmonic"
     """Depth decay s(k) of the attention angles, a learning-rate-like schedule over depth:
     none | sqrt | harmonic | linear."""
 
-    ffn_decay: str = "none"
+    ffn_decay: str = "harmonic"
     """Depth decay s(k) of the feed-forward angles: none | sqrt | harmonic | linear."""
 
-    decay_index: str = "sublayer"
+    decay_index: str = "block"
     """What k counts: `sublayer` (k = 0..2L-1, attention then FFN of each block) or `block`
     (k = 0..L-1, shared by a block's two sublayers)."""
 
     learnable_step: bool = True
-    """Learn the per-sublayer step scalars a_k (AdamW, no weight decay) or keep them fixed."""
+    """Learn the per-sublayer step scalars a_k (AdamW; no weight decay unless
+    `optimizer.weight_decay_1d`) or keep them fixed."""
 
     step_init: float = 1.0
     """Initial (or fixed) value of every a_k."""
 
-    learnable_bias: bool = False
+    learnable_bias: bool = True
     """A learnable additive angle bias b_k per sublayer (init 0): theta = s(k) (a_k theta_0 + b_k)."""
 
-    theta_base_max: float = math.inf
-    """Clamp of the base angle theta_0 = ||v||/||h|| before the step and decay (exp map only),
-    in radians, > 0; inf: none."""
+    theta_base_max: float = math.pi / 4
+    """Clamp of the base angle theta_0 (||v||/||h||, or Pre-LN's angle for the retraction) before
+    the step and decay, in radians, > 0; inf: none."""
 
-    theta_max: float = math.pi / 2
+    theta_max: float = math.pi / 4
     """Largest angle of one geodesic step, after step, bias and decay, in radians, in (0, pi]."""
 
     def validate(self) -> None:
@@ -94,8 +99,6 @@ class GeoNormConfig:
                 self.step_init, "must be a finite number > 0")
         require(self.theta_base_max > 0, "geonorm.theta_base_max", self.theta_base_max,
                 "must be > 0 (inf: no clamp)")
-        require(math.isinf(self.theta_base_max) or self.update_map == "exp", "geonorm.theta_base_max",
-                self.theta_base_max, "clamps the exp map's base angle: needs geonorm.update_map = 'exp'")
         require(0 < self.theta_max <= math.pi, "geonorm.theta_max", self.theta_max, "must be in (0, pi]")
 
 
