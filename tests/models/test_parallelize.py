@@ -9,7 +9,8 @@ from torch.distributed.tensor import DTensor
 from torchtitan.config import ConfigManager
 
 from tests.distributed import next_token_loss, parallel_dims, run_distributed_test
-from tests.models.test_model import NORMS, VARIANTS, build, perturb_gains, tokens
+from tests.models.test_model import NORMS, SPHERE, VARIANTS, build, perturb_gains, tokens
+from titan_geonorm.models.config import GeoNormConfig
 from titan_geonorm.titan.parallelize import parallelize_variant
 
 pytestmark = pytest.mark.distributed
@@ -33,8 +34,8 @@ def _check_against_single_process(dp_shard: int, tp: int, cases, overrides=()) -
     dims = parallel_dims(dp_shard, tp)
     job_config = _job_config(*overrides)
     dp_rank = dims.get_mesh("fsdp").get_local_rank() if dims.fsdp_enabled else 0
-    for block, norm_type in cases:
-        ref = build(block, norm_type, norm_bias=True, embedding_norm=block == "peri")
+    for block, norm_type, *extra in cases:
+        ref = build(block, norm_type, norm_bias=True, embedding_norm=block == "peri", **dict(extra))
         perturb_gains(ref)
         model = parallelize_variant(copy.deepcopy(ref), dims, job_config)
         batch = tokens(seed=5, length=17).repeat(2, 1)[: 2 * dp_shard]  # inputs: 16 tokens
@@ -55,7 +56,10 @@ def _check_against_single_process(dp_shard: int, tp: int, cases, overrides=()) -
             )
 
 
-ALL_CASES = [(b, n) for b in VARIANTS for n in NORMS]
+# The variants at their defaults, plus GeoNorm's sphere radius (DESIGN.md's reconstruction).
+ALL_CASES = [(b, n) for b in VARIANTS for n in NORMS] + [
+    ("geonorm", n, ("geonorm", GeoNormConfig(**SPHERE))) for n in NORMS
+]
 
 
 def _tp2():
