@@ -179,29 +179,21 @@ def test_fsdp2_and_tp2_training_match_one_process():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("optimizer", ["AdamW", "ManifoldMuon"])
-def test_tp2_trainer_losses_match_one_process(optimizer, tmp_path):
-    """The real launcher and trainer (loss parallel on, nGPT hook after each step): TP=2 gives the
-    one-process losses over 6 steps, from the same seed (TP shards are slices of one full init)."""
-    one, tp = tmp_path / "one", tmp_path / "tp"
-    args = ("--model.name", "llama3_ngpt", "--optimizer.name", optimizer, "--training.steps", "6")
-    train(one, *args)
-    train(tp, *args, "--model.hf_assets_path", str(one / "tokenizer"),
-          "--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1",
-          nproc=2)
+def test_trainer_tp2_and_resume_reproduce_one_process(tmp_path):
+    """The real launcher and trainer (loss parallel on, nGPT hook after each step) with
+    ManifoldMuon (AdamW under TP: the in-process test above): TP=2 gives the one-process losses
+    over 6 steps from the same seed (TP shards are slices of one full init), and a run restarted
+    from the step-3 checkpoint (weights, optimizer state, LR schedule, data position) gives
+    steps 4-6 of the uninterrupted run."""
+    one, tp, resumed = tmp_path / "one", tmp_path / "tp", tmp_path / "resumed"
+    args = ("--model.name", "llama3_ngpt", "--optimizer.name", "ManifoldMuon", "--training.steps", "6")
+    train(one, *args, "--checkpoint.enable", "--checkpoint.interval", "3")
+    tokenizer = ("--model.hf_assets_path", str(one / "tokenizer"))
+    train(tp, *args, *tokenizer, "--parallelism.tensor_parallel_degree", "2",
+          "--parallelism.data_parallel_shard_degree", "1", nproc=2)
     assert losses(tp) == pytest.approx(losses(one), abs=1e-5)
-
-
-@pytest.mark.distributed
-def test_resume_reproduces_uninterrupted_losses(tmp_path):
-    """6 steps with a checkpoint at step 3; a run restarted from that checkpoint (weights, AdamW
-    state, LR schedule, data position) gives steps 4-6 of the uninterrupted run."""
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = ("--model.name", "llama3_ngpt", "--training.steps", "6", "--checkpoint.enable",
-            "--checkpoint.interval", "3")
-    train(full, *args)
     (resumed / "checkpoint").mkdir(parents=True)
-    shutil.copytree(full / "checkpoint" / "step-3", resumed / "checkpoint" / "step-3")
-    train(resumed, *args, "--model.hf_assets_path", str(full / "tokenizer"))
+    shutil.copytree(one / "checkpoint" / "step-3", resumed / "checkpoint" / "step-3")
+    train(resumed, *args, *tokenizer, "--checkpoint.enable", "--checkpoint.interval", "3")
     assert steps(resumed) == [4, 5, 6]
-    assert losses(resumed) == pytest.approx(losses(full)[3:], abs=1e-5)
+    assert losses(resumed) == pytest.approx(losses(one)[3:], abs=1e-5)
