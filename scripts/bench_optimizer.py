@@ -16,7 +16,6 @@ stays meaningful when other processes share the cores), dual iterations, tangent
     python scripts/bench_optimizer.py --shapes 256x256,1024x256 [--llama8b] [--model] [--json out.json]
 """
 
-import titan_geonorm  # noqa: F401  (CPU patches must precede torchtitan's import)
 import argparse
 import json
 import os
@@ -30,6 +29,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 
+import titan_geonorm  # noqa: F401  (CPU patches must precede torchtitan's import)
 from titan_geonorm.optim.config import ManifoldMuonConfig
 from titan_geonorm.optim.geometries import (
     GEOMETRIES,
@@ -48,26 +48,31 @@ from titan_geonorm.optim.manifold_muon import ManifoldMuon
 
 LLAMA3_8B = {"wq/wo": (4096, 4096), "wk/wv": (1024, 4096), "w1/w3": (14336, 4096), "w2": (4096, 14336)}
 # Per layer: how many of each, and their geometry under `hetero`.
-LLAMA3_8B_HETERO = {
-    "wq/wo": (2, "stiefel"), "wk/wv": (2, "stiefel"), "w1/w3": (2, "dgram"), "w2": (1, "dgram")
-}
+LLAMA3_8B_HETERO = {"wq/wo": (2, "stiefel"), "wk/wv": (2, "stiefel"), "w1/w3": (2, "dgram"), "w2": (1, "dgram")}
 
 
 def arms(args) -> list[tuple[str, str, dict]]:
     """(label, preset, config overrides): AdamW, Muon, the default solvers, then the dual ascent at
     every K asked."""
-    out = [("adamw", "adamw", {}), ("muon", "muon", {}), ("stiefel", "all_stiefel", {}),
-           ("dgram", "all_dgram", {}), ("hetero", "hetero", {})]
+    out = [
+        ("adamw", "adamw", {}),
+        ("muon", "muon", {}),
+        ("stiefel", "all_stiefel", {}),
+        ("dgram", "all_dgram", {}),
+        ("hetero", "hetero", {}),
+    ]
     dual = {"stiefel_solver": "dual_ascent", "dgram_solver": "dual_ascent"}
     for geometry in ("stiefel", "dgram"):
-        out += [(f"{geometry} K={k}", f"all_{geometry}", dual | {"dual_steps": k})
-                for k in args.dual_steps]
+        out += [(f"{geometry} K={k}", f"all_{geometry}", dual | {"dual_steps": k}) for k in args.dual_steps]
     return out
 
 
 def model_args(args) -> TransformerModelArgs:
     return TransformerModelArgs(
-        dim=args.dim, n_layers=args.layers, n_heads=args.dim // 32, n_kv_heads=args.dim // 64,
+        dim=args.dim,
+        n_layers=args.layers,
+        n_heads=args.dim // 32,
+        n_kv_heads=args.dim // 64,
         vocab_size=args.vocab,
     )
 
@@ -235,16 +240,23 @@ def shape_rows(shape: tuple[int, int], batch: int, device: torch.device, exact: 
         for label, overrides in solvers:
             config = ManifoldMuonConfig(preset="hetero", **overrides).resolved()
             settings = StepSettings(
-                stiefel_solver=config.stiefel_solver, dgram_solver=config.dgram_solver,
+                stiefel_solver=config.stiefel_solver,
+                dgram_solver=config.dgram_solver,
                 dual=DualSettings(steps=config.dual_steps, tol=config.dual_tol),
             )
             step = GEOMETRIES[geometry].step
             seconds = cpu_time(lambda: step(w, g, 0.02, None, settings), device, args.repeats)
             direction = stiefel_direction if geometry == "stiefel" else dgram_direction
             a = direction(w_t, g_t, None, settings).update
-            row = {"shape": list(shape), "geometry": geometry, "solver": label, "muon_s": muon,
-                   "step_s": seconds, "x_muon": seconds / muon,
-                   "violation": tangent_violation(w_t, a, geometry).max().item()}
+            row = {
+                "shape": list(shape),
+                "geometry": geometry,
+                "solver": label,
+                "muon_s": muon,
+                "step_s": seconds,
+                "x_muon": seconds / muon,
+                "violation": tangent_violation(w_t, a, geometry).max().item(),
+            }
             if exact:
                 norm = torch.linalg.matrix_norm(a.double().cpu(), ord=2)
                 value = (g_t.double().cpu() * a.double().cpu()).sum((-2, -1)) / norm
@@ -254,14 +266,15 @@ def shape_rows(shape: tuple[int, int], batch: int, device: torch.device, exact: 
 
 
 def print_shape_rows(rows: list[dict]) -> None:
-    print(f"{'shape':>12} {'geometry':8} {'solver':15} {'x Muon':>7} {'objective':>9} {'||A||':>7} "
-          f"{'violation':>9}")
+    print(f"{'shape':>12} {'geometry':8} {'solver':15} {'x Muon':>7} {'objective':>9} {'||A||':>7} {'violation':>9}")
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
         objective = f"{r['objective']:9.4f}" if "objective" in r else f"{'-':>9}"
         norm = f"{r['norm_a']:7.4f}" if "norm_a" in r else f"{'-':>7}"
-        print(f"{shape:>12} {r['geometry']:8} {r['solver']:15} {r['x_muon']:7.2f} {objective} {norm} "
-              f"{r['violation']:9.1e}")
+        print(
+            f"{shape:>12} {r['geometry']:8} {r['solver']:15} {r['x_muon']:7.2f} {objective} {norm} "
+            f"{r['violation']:9.1e}"
+        )
 
 
 def llama8b_rows(device: torch.device, args) -> dict:
@@ -278,43 +291,59 @@ def llama8b_rows(device: torch.device, args) -> dict:
         result = {}
         step = GEOMETRIES[geometry].step
         seconds = cpu_time(lambda: result.update(r=step(w, g, 0.02, None, StepSettings())), device, 1)
-        rows.append({"matrix": name, "shape": list(shape), "geometry": geometry, "muon_s": muon,
-                     "step_s": seconds, "x_muon": seconds / muon,
-                     "violation": result["r"].violation.max().item()})
+        rows.append(
+            {
+                "matrix": name,
+                "shape": list(shape),
+                "geometry": geometry,
+                "muon_s": muon,
+                "step_s": seconds,
+                "x_muon": seconds / muon,
+                "violation": result["r"].violation.max().item(),
+            }
+        )
         step_total += count * seconds
         muon_total += count * muon
-        print(f"8B {name:6} {shape} {geometry}: {seconds:.1f} s = {seconds / muon:.2f}x Muon "
-              f"({muon:.1f} s), violation {rows[-1]['violation']:.1e}", flush=True)
+        print(
+            f"8B {name:6} {shape} {geometry}: {seconds:.1f} s = {seconds / muon:.2f}x Muon "
+            f"({muon:.1f} s), violation {rows[-1]['violation']:.1e}",
+            flush=True,
+        )
     print(f"8B hetero layer: {step_total / muon_total:.2f}x Muon")
     return {"matrices": rows, "hetero_x_muon": step_total / muon_total}
 
 
 def print_model_rows(results: dict, worlds: list[str], args) -> None:
-    print(f"{'arm':12} {'world':>5} {'step ms':>9} {'/muon':>7} {'orth ms/rank':>13} {'orth cpu ms':>12} "
-          f"{'w2/w1 cpu':>10} {'dual it':>8} {'tangent RMS':>12}")
+    print(
+        f"{'arm':12} {'world':>5} {'step ms':>9} {'/muon':>7} {'orth ms/rank':>13} {'orth cpu ms':>12} "
+        f"{'w2/w1 cpu':>10} {'dual it':>8} {'tangent RMS':>12}"
+    )
     for world in worlds:
         for arm, _, _ in arms(args):
             r = results[world][arm]
             ratio = r["step_s"] / results[world]["muon"]["step_s"]
             w1 = results.get("world1", {}).get(arm, {}).get("orth_cpu_s", 0.0)
             scaling = f"{r['orth_cpu_s'] / w1:10.2f}" if world == "world2" and w1 > 0 else f"{'':10}"
-            print(f"{arm:12} {world[-1]:>5} {1e3 * r['step_s']:9.1f} {ratio:7.2f} {1e3 * r['orth_s']:13.1f} "
-                  f"{1e3 * r['orth_cpu_s']:12.1f} {scaling} {int(r['dual_iterations']):8d} "
-                  f"{r['tangent_violation']:12.2e}")
+            print(
+                f"{arm:12} {world[-1]:>5} {1e3 * r['step_s']:9.1f} {ratio:7.2f} {1e3 * r['orth_s']:13.1f} "
+                f"{1e3 * r['orth_cpu_s']:12.1f} {scaling} {int(r['dual_iterations']):8d} "
+                f"{r['tangent_violation']:12.2e}"
+            )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--shapes",
+        default="256x256,1024x256,512x256,768x256",
+        help="comma-separated out x in shapes for the per-shape table ('' for none)",
     )
-    parser.add_argument("--shapes", default="256x256,1024x256,512x256,768x256",
-                        help="comma-separated out x in shapes for the per-shape table ('' for none)")
     parser.add_argument("--shape-batch", type=int, default=2, help="matrices per shape")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per shape and solver")
-    parser.add_argument("--dual-reference", type=int, default=300,
-                        help="float64 dual-ascent iterations of the DGram reference optimum")
-    parser.add_argument("--llama8b", action="store_true",
-                        help="one step of each Llama-3 8B layer shape (slow)")
+    parser.add_argument(
+        "--dual-reference", type=int, default=300, help="float64 dual-ascent iterations of the DGram reference optimum"
+    )
+    parser.add_argument("--llama8b", action="store_true", help="one step of each Llama-3 8B layer shape (slow)")
     parser.add_argument("--model", action="store_true", help="whole-model arms at --worlds")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
@@ -323,8 +352,12 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--dual-steps", type=lambda v: [int(k) for k in v.split(",")], default=[20],
-                        help="comma-separated dual-ascent K values for the Stiefel and DGram model arms")
+    parser.add_argument(
+        "--dual-steps",
+        type=lambda v: [int(k) for k in v.split(",")],
+        default=[20],
+        help="comma-separated dual-ascent K values for the Stiefel and DGram model arms",
+    )
     parser.add_argument("--worlds", default="1,2", help="1, 2 or 1,2 (world 2: FSDP2 on 2 processes)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1)

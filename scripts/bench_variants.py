@@ -15,11 +15,11 @@ import statistics
 import time
 import types
 
-import titan_geonorm  # noqa: F401  (CPU patches must precede torchtitan's import)
 import torch
 import torch.nn.functional as F
 from torchtitan.models.llama3.infra.parallelize import apply_compile
 
+import titan_geonorm  # noqa: F401  (CPU patches must precede torchtitan's import)
 from titan_geonorm.models.args import BlockVariant, VariantModelArgs
 from titan_geonorm.models.model import VariantTransformer
 
@@ -52,8 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build(block: str, args: argparse.Namespace, compiled: bool):
     torch.manual_seed(0)
     model_args = VariantModelArgs(
-        dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, vocab_size=args.vocab_size,
-        max_seq_len=args.seq_len, rope_theta=500000, block=block, norm_type=args.norm_type,
+        dim=args.dim,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        vocab_size=args.vocab_size,
+        max_seq_len=args.seq_len,
+        rope_theta=500000,
+        block=block,
+        norm_type=args.norm_type,
     )
     model = VariantTransformer(model_args)
     with torch.no_grad():
@@ -79,15 +85,16 @@ def time_steps(model, optimizer, batch, steps: int) -> float:
 
 
 def bench_mode(args: argparse.Namespace, compiled: bool) -> dict:
-    batch = torch.randint(0, args.vocab_size, (args.batch, args.seq_len + 1),
-                          generator=torch.Generator().manual_seed(0))
+    batch = torch.randint(
+        0, args.vocab_size, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0)
+    )
     runs = {v: build(v, args, compiled) for v in VARIANTS}
     for model, opt in runs.values():
         for _ in range(args.warmup):
             train_step(model, opt, batch)
     times = {v: [] for v in VARIANTS}
     for r in range(args.rounds):
-        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
+        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
         for v in order:
             times[v].append(time_steps(*runs[v], batch, args.steps))
     return {
@@ -104,8 +111,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {mode: bench_mode(args, mode == "compiled") for mode in args.modes}
-    print(f"dim {args.dim}, layers {args.n_layers}, heads {args.n_heads}, seq {args.seq_len}, "
-          f"batch {args.batch}, {args.norm_type}, threads {args.threads}, torch {torch.__version__}")
+    print(
+        f"dim {args.dim}, layers {args.n_layers}, heads {args.n_heads}, seq {args.seq_len}, "
+        f"batch {args.batch}, {args.norm_type}, threads {args.threads}, torch {torch.__version__}"
+    )
     print(f"{'variant':<10}" + "".join(f"{mode + ' s/step':>18}{mode + ' / pre':>16}" for mode in args.modes))
     for v in VARIANTS:
         row = "".join(f"{results[m][v]['median_s']:>18.4f}{results[m][v]['ratio_vs_pre']:>16.3f}" for m in args.modes)

@@ -94,15 +94,29 @@ def write_heldout(config: Path, out: Path, max_chars: int) -> Path:
 def overrides(arm, seed: int, args, dump: Path) -> list[str]:
     variant, norm, opt = arm[:3]
     out = [
-        "--job.config_file", str(args.config), "--job.dump_folder", str(dump),
-        "--model.name", MODEL_NAMES[variant], "--model.norm_type", norm,
-        "--debug.seed", str(seed), "--training.steps", str(args.steps),
+        "--job.config_file",
+        str(args.config),
+        "--job.dump_folder",
+        str(dump),
+        "--model.name",
+        MODEL_NAMES[variant],
+        "--model.norm_type",
+        norm,
+        "--debug.seed",
+        str(seed),
+        "--training.steps",
+        str(args.steps),
     ]
     if opt == "adamw":
         out += ["--optimizer.name", "AdamW"]
     else:
-        out += ["--optimizer.name", "ManifoldMuon", "--optimizer.manifold_muon.preset", opt,
-                "--optimizer.manifold_muon.no-log-assignment"]
+        out += [
+            "--optimizer.name",
+            "ManifoldMuon",
+            "--optimizer.manifold_muon.preset",
+            opt,
+            "--optimizer.manifold_muon.no-log-assignment",
+        ]
     for item in arm[3:4] and arm[3].split("+"):
         key, value = item.split("=", 1)
         # Booleans are flags on torchtitan's command line.
@@ -122,11 +136,24 @@ def run_arm(arm, seed: int, args, heldout: Path) -> dict:
     dump.mkdir(parents=True)
     common = overrides(arm, seed, args, dump)
     train = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-        "-m", "titan_geonorm.train", *common,
-        "--checkpoint.enable", "--checkpoint.interval", str(args.steps),
-        "--validation.no-enable", "--metrics.log_freq", str(args.log_freq),
-        "--diagnostics.enable", "--diagnostics.freq", str(args.diag_freq),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "1",
+        "-m",
+        "titan_geonorm.train",
+        *common,
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        str(args.steps),
+        "--validation.no-enable",
+        "--metrics.log_freq",
+        str(args.log_freq),
+        "--diagnostics.enable",
+        "--diagnostics.freq",
+        str(args.diag_freq),
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     start = time.perf_counter()
@@ -138,14 +165,33 @@ def run_arm(arm, seed: int, args, heldout: Path) -> dict:
     diverged = proc.returncode != 0 or not losses or not all(math.isfinite(x) for x in losses)
     if proc.returncode != 0 and "non-finite" not in proc.stdout + proc.stderr:
         raise SystemExit(f"{arm_id(arm)} seed {seed}: training failed (see {dump / 'train.log'})")
-    result = {"arm": arm_id(arm), "variant": arm[0], "norm": arm[1], "optimizer": arm[2], "seed": seed,
-              "steps": args.steps, "diverged": diverged, "train_wall_s": round(wall, 1),
-              "final_train_loss": losses[-1] if losses else float("nan"),
-              "heldout_loss": float("nan"), "heldout_ppl": float("nan")}
+    result = {
+        "arm": arm_id(arm),
+        "variant": arm[0],
+        "norm": arm[1],
+        "optimizer": arm[2],
+        "seed": seed,
+        "steps": args.steps,
+        "diverged": diverged,
+        "train_wall_s": round(wall, 1),
+        "final_train_loss": losses[-1] if losses else float("nan"),
+        "heldout_loss": float("nan"),
+        "heldout_ppl": float("nan"),
+    }
     if not diverged:
         ckpt = dump / "checkpoint" / f"step-{args.steps}"
-        evaluate = [sys.executable, "-m", "titan_geonorm.evaluate", "--config", str(args.config),
-                    "--checkpoint", str(ckpt), "--text", str(heldout), *common[2:]]
+        evaluate = [
+            sys.executable,
+            "-m",
+            "titan_geonorm.evaluate",
+            "--config",
+            str(args.config),
+            "--checkpoint",
+            str(ckpt),
+            "--text",
+            str(heldout),
+            *common[2:],
+        ]
         proc = subprocess.run(evaluate, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{arm_id(arm)} seed {seed}: evaluation failed:\n{proc.stderr[-3000:]}")
@@ -166,14 +212,27 @@ def _mean_std(values: list[float]) -> str:
 
 
 def write_tables(results: list[dict], out: Path) -> str:
-    fields = ["arm", "variant", "norm", "optimizer", "seed", "steps", "diverged", "final_train_loss",
-              "heldout_loss", "heldout_ppl", "train_wall_s"]
+    fields = [
+        "arm",
+        "variant",
+        "norm",
+        "optimizer",
+        "seed",
+        "steps",
+        "diverged",
+        "final_train_loss",
+        "heldout_loss",
+        "heldout_ppl",
+        "train_wall_s",
+    ]
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(results)
-    lines = ["| arm | seeds | diverged | held-out loss | final train loss | train wall (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| arm | seeds | diverged | held-out loss | final train loss | train wall (s) |",
+        "|---|---|---|---|---|---|",
+    ]
     for arm in dict.fromkeys(r["arm"] for r in results):
         rows = [r for r in results if r["arm"] == arm]
         lines.append(
@@ -259,10 +318,18 @@ def plot(results: list[dict], out: Path) -> None:
     figure("loss.png", "train loss (mean over seeds)", "step", loss_curve)
     figure("residual_rms.png", "residual RMS after block (last diag step)", "layer", residual_profile, log=True)
     figure("attention_sv.png", "max attention singular value (wq/wk/wv/wo)", "step", attention_sv, log=True)
-    figure("attention_logit.png", "max pre-softmax attention logit", "step",
-           lambda recs: _diag_series(recs, f"{D}attn_logit_max/", max))
-    figure("attention_entropy.png", "min over layers of mean softmax entropy (nats)", "step",
-           lambda recs: _diag_series(recs, f"{D}attn_entropy/", min))
+    figure(
+        "attention_logit.png",
+        "max pre-softmax attention logit",
+        "step",
+        lambda recs: _diag_series(recs, f"{D}attn_logit_max/", max),
+    )
+    figure(
+        "attention_entropy.png",
+        "min over layers of mean softmax entropy (nats)",
+        "step",
+        lambda recs: _diag_series(recs, f"{D}attn_entropy/", min),
+    )
 
 
 def loss_spikes(losses: list[float], threshold: float) -> int:
@@ -278,8 +345,11 @@ def loss_spikes(losses: list[float], threshold: float) -> int:
 def write_stability(results: list[dict], out: Path, threshold: float = 1.0) -> str:
     """Per arm, over its seeds: divergences, loss spikes (`loss_spikes`), and the largest residual
     activation, pre-softmax attention logit and gradient norm seen at any logged step."""
-    lines = [f"| arm | seeds | diverged | loss spikes (> {threshold} nats) | max activation | "
-             "max attention logit | max grad norm |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| arm | seeds | diverged | loss spikes (> {threshold} nats) | max activation | "
+        "max attention logit | max grad norm |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for arm in dict.fromkeys(r["arm"] for r in results):
         rows = [r for r in results if r["arm"] == arm]
         spikes, peaks = 0, {"act": [], "logit": [], "grad": []}
@@ -295,8 +365,10 @@ def write_stability(results: list[dict], out: Path, threshold: float = 1.0) -> s
             finite = [v for v in peaks[key] if math.isfinite(v)]
             return f"{max(finite):.3g}" if finite else "-"
 
-        lines.append(f"| {arm} | {len(rows)} | {sum(r['diverged'] for r in rows)} | {spikes} | "
-                     f"{peak('act')} | {peak('logit')} | {peak('grad')} |")
+        lines.append(
+            f"| {arm} | {len(rows)} | {sum(r['diverged'] for r in rows)} | {spikes} | "
+            f"{peak('act')} | {peak('logit')} | {peak('grad')} |"
+        )
     table = "\n".join(lines) + "\n"
     (out / "stability.md").write_text(table)
     return table
@@ -309,8 +381,7 @@ def write_overhead(results: list[dict], out: Path, freq: int = 50) -> str:
     diagnostic time is the logged `diagnostics/time_s` (hooks, side computations, SVDs and
     reductions), averaged over the diagnostic steps after step 1.
     """
-    lines = [f"| arm | step time (s) | diagnostics per diag step (s) | overhead at freq={freq} |",
-             "|---|---|---|---|"]
+    lines = [f"| arm | step time (s) | diagnostics per diag step (s) | overhead at freq={freq} |", "|---|---|---|---|"]
     for arm in dict.fromkeys(r["arm"] for r in results):
         step_times, diag_times = [], []
         for r in results:

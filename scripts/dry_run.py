@@ -48,20 +48,45 @@ _TP_SHARDED = re.compile(r"(attention\.w[qkvo]|feed_forward\.w[123]|tok_embeddin
 _MATRIX = re.compile(r"(attention\.w[qkvo]|feed_forward\.w[123])\.weight$")
 
 
-def dry_run_args(flavor: str, tp: int, optimizer: str, model: str, dump: str, steps: int,
-                 project: bool = True) -> list[str]:
+def dry_run_args(
+    flavor: str, tp: int, optimizer: str, model: str, dump: str, steps: int, project: bool = True
+) -> list[str]:
     """CLI for `train_configs/llama3_8b.toml` shrunk to one short step on CPU."""
     return [
-        "--job.config_file", str(CONFIG), "--job.dump_folder", dump, "--comm.mode", "fake_backend",
-        "--model.name", model, "--model.flavor", flavor, "--model.hf_assets_path", dump,
-        "--optimizer.name", optimizer, "--parallelism.tensor_parallel_degree", str(tp),
-        "--training.dataset", "embedded", "--training.seq_len", "64", "--training.local_batch_size", "1",
-        "--training.steps", str(max(steps, 1)), "--compile.no-enable", "--checkpoint.no-enable",
-        "--metrics.no-enable-tensorboard", "--metrics.log_freq", "1",
+        "--job.config_file",
+        str(CONFIG),
+        "--job.dump_folder",
+        dump,
+        "--comm.mode",
+        "fake_backend",
+        "--model.name",
+        model,
+        "--model.flavor",
+        flavor,
+        "--model.hf_assets_path",
+        dump,
+        "--optimizer.name",
+        optimizer,
+        "--parallelism.tensor_parallel_degree",
+        str(tp),
+        "--training.dataset",
+        "embedded",
+        "--training.seq_len",
+        "64",
+        "--training.local_batch_size",
+        "1",
+        "--training.steps",
+        str(max(steps, 1)),
+        "--compile.no-enable",
+        "--checkpoint.no-enable",
+        "--metrics.no-enable-tensorboard",
+        "--metrics.log_freq",
+        "1",
         "--optimizer.manifold_muon.no-log-assignment",
         "--optimizer.manifold_muon." + ("" if project else "no-") + "project-at-init",
         # Fake collectives return garbage, so losses may be NaN: nothing to guard.
-        "--divergence.action", "off",
+        "--divergence.action",
+        "off",
     ]
 
 
@@ -84,9 +109,13 @@ def _owned(optimizers) -> dict:
             loads[u.owner] = loads.get(u.owner, 0.0) + u.cost(opt.config.dual_steps)
     mine = [u for _, plan in plans for u in plan.units if u.owner == plan.rank]
     size = max(plan.size for _, plan in plans)
-    return {"matrices": sum(len(plan.units) for _, plan in plans), "owner_ranks": len(loads),
-            "owner_load_max_over_mean": round(max(loads.values()) / (sum(loads.values()) / size), 3),
-            "owned_by_rank0": len(mine), "owned_elements": sum(u.shape[0] * u.shape[1] for u in mine)}
+    return {
+        "matrices": sum(len(plan.units) for _, plan in plans),
+        "owner_ranks": len(loads),
+        "owner_load_max_over_mean": round(max(loads.values()) / (sum(loads.values()) / size), 3),
+        "owned_by_rank0": len(mine),
+        "owned_elements": sum(u.shape[0] * u.shape[1] for u in mine),
+    }
 
 
 def run_one(args, model: str, optimizer: str) -> dict:
@@ -94,14 +123,15 @@ def run_one(args, model: str, optimizer: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from titan_geonorm.titan.preflight import run_preflight
     from titan_geonorm.titan.launcher import parse_config
+    from titan_geonorm.titan.preflight import run_preflight
     from titan_geonorm.titan.trainer import GeoNormTrainer
 
     begin = time.monotonic()
     with tempfile.TemporaryDirectory() as dump:
-        job_config = parse_config(dry_run_args(args.flavor, args.tp, optimizer, model, dump,
-                                               args.steps, not args.no_projection))
+        job_config = parse_config(
+            dry_run_args(args.flavor, args.tp, optimizer, model, dump, args.steps, not args.no_projection)
+        )
         run_preflight(job_config)
         trainer = GeoNormTrainer(job_config)
         built = time.monotonic() - begin
@@ -115,9 +145,13 @@ def run_one(args, model: str, optimizer: str) -> dict:
         # `get_optimizer_state_dict` initializes it with an lr = 0 step on zero gradients.
         trainer.optimizers.state_dict()
         params = sum(_local_bytes(p) for m in trainer.model_parts for p in m.parameters())
-        state = sum(_local_bytes(v) for opt in trainer.optimizers.optimizers
-                    for s in opt.state.values() for v in s.values()
-                    if isinstance(v, torch.Tensor) and v.ndim > 0)
+        state = sum(
+            _local_bytes(v)
+            for opt in trainer.optimizers.optimizers
+            for s in opt.state.values()
+            for v in s.values()
+            if isinstance(v, torch.Tensor) and v.ndim > 0
+        )
         owned = _owned(trainer.optimizers.optimizers) if optimizer == "ManifoldMuon" else {}
         rss = _rss_bytes()
         trainer.close()
@@ -125,11 +159,19 @@ def run_one(args, model: str, optimizer: str) -> dict:
         del trainer, batches
         gc.collect()
     return {
-        "mode": "dry_run", "flavor": args.flavor, "model": model, "ngpu": args.ngpu,
-        "tp": args.tp, "optimizer": optimizer, "steps": args.steps,
+        "mode": "dry_run",
+        "flavor": args.flavor,
+        "model": model,
+        "ngpu": args.ngpu,
+        "tp": args.tp,
+        "optimizer": optimizer,
+        "steps": args.steps,
         "projection": optimizer == "ManifoldMuon" and not args.no_projection,
-        "param_bytes": params, "optimizer_state_bytes": state, **owned,
-        "build_s": round(built, 1), "wall_s": round(time.monotonic() - begin, 1),
+        "param_bytes": params,
+        "optimizer_state_bytes": state,
+        **owned,
+        "build_s": round(built, 1),
+        "wall_s": round(time.monotonic() - begin, 1),
         "rss_bytes": rss,
         "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
@@ -144,8 +186,9 @@ def run(args):
     """Every (model, optimizer) pair in one process, one JSON line each."""
     os.environ.update(NGPU=str(args.ngpu), LOCAL_RANK="0", RANK="0", WORLD_SIZE=str(args.ngpu))
     os.environ.setdefault("OMP_NUM_THREADS", "2")
-    import titan_geonorm.titan.launcher  # noqa: F401  (CPU patches before torchtitan, train specs)
     from torchtitan.tools.logging import init_logger
+
+    import titan_geonorm.titan.launcher  # noqa: F401  (CPU patches before torchtitan, train specs)
 
     init_logger()
     for model in args.model:
@@ -155,9 +198,10 @@ def run(args):
 
 def shapes(model: str, flavor: str) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of a meta-device model of the flavor."""
-    import titan_geonorm.titan.launcher  # noqa: F401  (CPU patches before torchtitan, train specs)
     import torch
     from torchtitan.protocols.train_spec import get_train_spec
+
+    import titan_geonorm.titan.launcher  # noqa: F401  (CPU patches before torchtitan, train specs)
 
     spec = get_train_spec(model)
     with torch.device("meta"):
@@ -176,8 +220,11 @@ def estimate(model: str, flavor: str, ngpu: int, tp: int, manifold_preset: str =
 
     # Only the dual-ascent solvers keep a Lambda per matrix; the default solvers keep momentum only.
     solvers = ManifoldMuonConfig().resolved()
-    dual_geometries = {g for g, solver in (("stiefel", solvers.stiefel_solver), ("dgram", solvers.dgram_solver))
-                       if solver == "dual_ascent"}
+    dual_geometries = {
+        g
+        for g, solver in (("stiefel", solvers.stiefel_solver), ("dgram", solvers.dgram_solver))
+        if solver == "dual_ascent"
+    }
     for name, shape in shapes(model, flavor).items():
         numel = 1
         for d in shape:
@@ -195,7 +242,11 @@ def estimate(model: str, flavor: str, ngpu: int, tp: int, manifold_preset: str =
         unit_moves += (2 * numel + lam) / ngpu
     gib = 2**30
     return {
-        "mode": "estimate", "flavor": flavor, "ngpu": ngpu, "tp": tp, "dp_shard": dp,
+        "mode": "estimate",
+        "flavor": flavor,
+        "ngpu": ngpu,
+        "tp": tp,
+        "dp_shard": dp,
         "params_total": total,
         "param_GiB": 4 * shard_sum / gib,
         "adamw_state_GiB": 8 * shard_sum / gib,
@@ -209,14 +260,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("run", "estimate"))
     parser.add_argument("--flavor", default="8B")
-    parser.add_argument("--model", nargs="+", default=["llama3_titan"],
-                        help="train spec names (run: each one in turn; estimate: the first)")
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        default=["llama3_titan"],
+        help="train spec names (run: each one in turn; estimate: the first)",
+    )
     parser.add_argument("--ngpu", type=int, default=64)
     parser.add_argument("--tp", type=int, default=8)
     parser.add_argument("--optimizer", nargs="+", default=["AdamW"], choices=("AdamW", "ManifoldMuon"))
     parser.add_argument("--steps", type=int, default=1, help="run: training steps (0: build only)")
-    parser.add_argument("--no-projection", action="store_true",
-                        help="run: ManifoldMuon with project_at_init = false (skips rank 0's SVDs)")
+    parser.add_argument(
+        "--no-projection",
+        action="store_true",
+        help="run: ManifoldMuon with project_at_init = false (skips rank 0's SVDs)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.ngpu % args.tp:

@@ -74,19 +74,45 @@ class Sizes:
 
 
 FULL = Sizes(
-    flavor="1B", seq=2048, batch=4, warmup=10, steps=30, log_freq=5, compile=True,
-    mixed_precision="bfloat16", max_variants=None,
+    flavor="1B",
+    seq=2048,
+    batch=4,
+    warmup=10,
+    steps=30,
+    log_freq=5,
+    compile=True,
+    mixed_precision="bfloat16",
+    max_variants=None,
     layer={"dim": 4096, "n_heads": 32, "n_kv_heads": 8, "ffn_dim_multiplier": 1.3, "multiple_of": 1024},
     # llama3_8b.toml's local batch: 2 x 8192 tokens per GPU.
-    layer_tokens=16384, layer_seq=8192, reps=3, dual_steps_converged=100,
-    geonorm_tokens=8192, geonorm_steps=32, manifold_steps=10, margin_s=15.0,
+    layer_tokens=16384,
+    layer_seq=8192,
+    reps=3,
+    dual_steps_converged=100,
+    geonorm_tokens=8192,
+    geonorm_steps=32,
+    manifold_steps=10,
+    margin_s=15.0,
 )
 SMOKE = Sizes(
-    flavor="tiny", seq=64, batch=4, warmup=1, steps=2, log_freq=1, compile=False,
-    mixed_precision="float32", max_variants=2,
+    flavor="tiny",
+    seq=64,
+    batch=4,
+    warmup=1,
+    steps=2,
+    log_freq=1,
+    compile=False,
+    mixed_precision="float32",
+    max_variants=2,
     layer={"dim": 64, "n_heads": 4, "n_kv_heads": 1, "ffn_dim_multiplier": 1.3, "multiple_of": 64},
-    layer_tokens=128, layer_seq=64, reps=1, dual_steps_converged=30,
-    geonorm_tokens=256, geonorm_steps=8, manifold_steps=3, margin_s=3.0,
+    layer_tokens=128,
+    layer_seq=64,
+    reps=1,
+    dual_steps_converged=30,
+    geonorm_tokens=256,
+    geonorm_steps=8,
+    manifold_steps=3,
+    margin_s=3.0,
 )
 
 
@@ -129,8 +155,7 @@ def run_process(cmd: list[str], env: dict, timeout: float, log_path: Path) -> tu
     """Run in its own process group; on timeout end the whole group. (rc or None, wall seconds)."""
     start = time.monotonic()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=max(timeout, 1.0))
         except subprocess.TimeoutExpired:
@@ -172,8 +197,12 @@ def shipped_variants() -> list[str]:
 
 
 def environment(smoke: bool) -> dict:
-    env = {"smoke": smoke, "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-           "python": sys.version.split()[0], "host": socket.gethostname()}
+    env = {
+        "smoke": smoke,
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "host": socket.gethostname(),
+    }
     try:
         import torch
 
@@ -265,7 +294,6 @@ def _manifold_error(w, geometry: str) -> float:
 def part_numerics(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
     import torch
 
-
     device = _device()
     # On the device: host-side randn of 8B-layer-sized tensors would take most of the budget.
     gen = torch.Generator(device=device).manual_seed(0)
@@ -320,10 +348,16 @@ def geonorm_check(sizes: Sizes, device, gen) -> dict:
     step_tol = BF16_UNIT_ROUNDOFF
     chain_tol = BF16_UNIT_ROUNDOFF * math.sqrt(sizes.geonorm_steps)
     out = {
-        "tokens": sizes.geonorm_tokens, "dim": dim, "steps": sizes.geonorm_steps, "dtype": "bfloat16",
-        "max_rel_norm_change_per_step": worst_step, "step_tol": step_tol,
-        "max_rel_norm_drift_chain": drift, "chain_tol": chain_tol,
-        "zero_update_is_identity": same, "grads_finite": grads_finite,
+        "tokens": sizes.geonorm_tokens,
+        "dim": dim,
+        "steps": sizes.geonorm_steps,
+        "dtype": "bfloat16",
+        "max_rel_norm_change_per_step": worst_step,
+        "step_tol": step_tol,
+        "max_rel_norm_drift_chain": drift,
+        "chain_tol": chain_tol,
+        "zero_update_is_identity": same,
+        "grads_finite": grads_finite,
         "ok": worst_step <= step_tol and drift <= chain_tol and same and grads_finite,
     }
     if "radius" in inspect.signature(geodesic_step).parameters:
@@ -346,8 +380,10 @@ def manifold_check(geometry: str, shapes: dict, steps: int, device, gen) -> dict
 
     from titan_geonorm.optim import ManifoldMuon, ManifoldMuonConfig
 
-    params = {name: torch.nn.Parameter(torch.randn(shape, generator=gen, device=device) * 0.02)
-              for name, shape in shapes.items()}
+    params = {
+        name: torch.nn.Parameter(torch.randn(shape, generator=gen, device=device) * 0.02)
+        for name, shape in shapes.items()
+    }
     config = ManifoldMuonConfig(preset=f"all_{geometry}", msign_dtype="bfloat16", log_assignment=False)
     opt = ManifoldMuon(params.items(), config)
     opt.project_()
@@ -360,8 +396,11 @@ def manifold_check(geometry: str, shapes: dict, steps: int, device, gen) -> dict
     # The retraction's Newton-Schulz runs in bf16: a few unit roundoffs, not fp32's 1e-6.
     tol = 4 * BF16_UNIT_ROUNDOFF
     return {
-        "steps": steps, "msign_dtype": "bfloat16", "shapes": {n: list(s) for n, s in shapes.items()},
-        "max_error_per_step": errors, "tol": tol,
+        "steps": steps,
+        "msign_dtype": "bfloat16",
+        "shapes": {n: list(s) for n, s in shapes.items()},
+        "max_error_per_step": errors,
+        "tol": tol,
         "finite": all(bool(p.isfinite().all()) for p in params.values()),
         "ok": all(finite(e) and e <= tol for e in errors),
     }
@@ -408,8 +447,9 @@ def solver_choices(key: str) -> tuple[str | None, list[str]]:
     if key not in {f.name for f in dataclasses.fields(ManifoldMuonConfig)}:
         return None, []
     default = getattr(resolved(ManifoldMuonConfig()), key)
-    modules = [optim] + [importlib.import_module(f"{optim.__name__}.{m.name}")
-                         for m in pkgutil.iter_modules(optim.__path__)]
+    modules = [optim] + [
+        importlib.import_module(f"{optim.__name__}.{m.name}") for m in pkgutil.iter_modules(optim.__path__)
+    ]
     for module in modules:
         choices = getattr(module, key.upper() + "S", None)
         if isinstance(choices, (tuple, list, dict)) and all(isinstance(c, str) for c in choices):
@@ -434,8 +474,7 @@ def optimizer_settings(sizes: Sizes, msign_dtype: str) -> list[tuple[str, str, d
         if "dual_ascent" in choices:
             converged[key] = "dual_ascent"
         slow.append((f"{geometry} dual ascent K<={sizes.dual_steps_converged}", geometry, converged))
-    return [(label, geo, kw | {"msign_dtype": msign_dtype, "log_assignment": False})
-            for label, geo, kw in out + slow]
+    return [(label, geo, kw | {"msign_dtype": msign_dtype, "log_assignment": False}) for label, geo, kw in out + slow]
 
 
 def time_fwd_bwd(sizes: Sizes, device, timer: Timer, freqs_cis, batch: int, seq: int) -> float:
@@ -464,8 +503,14 @@ def part_optimizer(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
     block, freqs_cis, seq = _layer_block(sizes, device)
     batch = max(sizes.layer_tokens // seq, 1)
     matrices = {n: list(p.shape) for n, p in block.named_parameters(prefix="layers.0") if p.ndim == 2}
-    result["layer"] = {"config": sizes.layer, "matrices": matrices, "tokens": batch * seq,
-                       "batch": batch, "seq": seq, "msign_dtype": msign_dtype}
+    result["layer"] = {
+        "config": sizes.layer,
+        "matrices": matrices,
+        "tokens": batch * seq,
+        "batch": batch,
+        "seq": seq,
+        "msign_dtype": msign_dtype,
+    }
 
     fwd_bwd_ms = time_fwd_bwd(sizes, device, timer, freqs_cis, batch, seq)
     result["fwd_bwd_ms"] = fwd_bwd_ms
@@ -500,8 +545,9 @@ def part_optimizer(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
         result["settings"] = rows
 
     restore(initial)
-    adamw = torch.optim.AdamW([p for _, p in named], lr=1e-4, fused=device.type == "cuda",
-                              foreach=device.type != "cuda")
+    adamw = torch.optim.AdamW(
+        [p for _, p in named], lr=1e-4, fused=device.type == "cuda", foreach=device.type != "cuda"
+    )
     times = timer(adamw.step, warmup=1, reps=sizes.reps)
     record("adamw", {"geometry": "adamw", "step_ms": statistics.median(times), "times_ms": times})
     del adamw
@@ -523,13 +569,18 @@ def part_optimizer(sizes: Sizes, budget: Deadline, result: PartWriter) -> None:
             times = timer(opt.step, warmup=1, reps=sizes.reps)
             stats = dict(getattr(opt, "stats", {}))
             violation = stats.get("tangent_violation")
-            row = {"geometry": geometry, "config": kwargs, "resolved": dataclasses.asdict(resolved(config)),
-                   "step_ms": statistics.median(times), "times_ms": times,
-                   "dual_iterations": stats.get("dual_iterations"), "tangent_violation": violation}
+            row = {
+                "geometry": geometry,
+                "config": kwargs,
+                "resolved": dataclasses.asdict(resolved(config)),
+                "step_ms": statistics.median(times),
+                "times_ms": times,
+                "dual_iterations": stats.get("dual_iterations"),
+                "tangent_violation": violation,
+            }
             if geometry != "muon":
                 row["exact"] = finite(violation) and violation <= exact_tol
-                row["manifold_error"] = max(_manifold_error(p.detach(), geometry)
-                                            for n, p in named if n in matrices)
+                row["manifold_error"] = max(_manifold_error(p.detach(), geometry) for n, p in named if n in matrices)
             record(label, row)
             del opt
         except Exception as e:  # noqa: BLE001  (one setting's failure is a result, not the end)
@@ -559,8 +610,16 @@ def run_child_parts(parts: list[str], smoke: bool, budget: float, work: Path, lo
         (work / f"{part}.json").unlink(missing_ok=True)
     log_path = work / f"{'_'.join(parts)}.log"
     log_paths.append(log_path)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", ",".join(parts),
-           "--result-dir", str(work), "--budget-s", str(budget - 5)] + (["--smoke"] if smoke else [])
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        ",".join(parts),
+        "--result-dir",
+        str(work),
+        "--budget-s",
+        str(budget - 5),
+    ] + (["--smoke"] if smoke else [])
     rc, wall = run_process(cmd, child_env(smoke), budget, log_path)
     results = {}
     for part in parts:
@@ -597,9 +656,14 @@ def train_config(sizes: Sizes, on_gpu: bool) -> dict:
         "model": {"name": "llama3_titan", "flavor": sizes.flavor},
         "optimizer": {"name": "AdamW", "lr": 3e-4, "implementation": "fused" if on_gpu else "foreach"},
         "lr_scheduler": {"warmup_steps": max(1, sizes.warmup // 2)},
-        "training": {"dataset": "embedded", "local_batch_size": sizes.batch, "seq_len": sizes.seq,
-                     "steps": sizes.warmup + sizes.steps, "max_norm": 1.0,
-                     "mixed_precision_param": sizes.mixed_precision},
+        "training": {
+            "dataset": "embedded",
+            "local_batch_size": sizes.batch,
+            "seq_len": sizes.seq,
+            "steps": sizes.warmup + sizes.steps,
+            "max_norm": 1.0,
+            "mixed_precision_param": sizes.mixed_precision,
+        },
         "parallelism": {"data_parallel_shard_degree": -1},
         "compile": {"enable": sizes.compile, "components": ["model", "loss"]},
         "activation_checkpoint": {"mode": "selective", "selective_ac_option": "op"},
@@ -640,7 +704,8 @@ def summarize_run(records: list[dict], warmup: int) -> dict:
         "steps_done": records[-1]["step"] if records else 0,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
-        "loss_finite": bool(losses) and all(finite(x) for x in losses)
+        "loss_finite": bool(losses)
+        and all(finite(x) for x in losses)
         and all(finite(r.get("grad_norm")) for r in records),
         "peak_reserved_gib": max((r.get("memory/max_reserved(GiB)", 0) for r in records), default=None),
         "peak_active_gib": max((r.get("memory/max_active(GiB)", 0) for r in records), default=None),
@@ -650,8 +715,9 @@ def summarize_run(records: list[dict], warmup: int) -> dict:
     if base is None or not steady:
         return out
     tokens = steady[-1]["n_tokens_seen"] - base["n_tokens_seen"]
-    seconds = sum(r["time_metrics/end_to_end(s)"] * (r["step"] - prev["step"])
-                  for prev, r in zip([base] + steady, steady))
+    seconds = sum(
+        r["time_metrics/end_to_end(s)"] * (r["step"] - prev["step"]) for prev, r in zip([base] + steady, steady)
+    )
     tps = tokens / seconds
     last = steady[-1]
     out.update(
@@ -665,8 +731,7 @@ def summarize_run(records: list[dict], warmup: int) -> dict:
     return out
 
 
-def part_train(sizes: Sizes, variants: list[str], budget: Deadline, work: Path, log_paths: list,
-               on_gpu: bool) -> dict:
+def part_train(sizes: Sizes, variants: list[str], budget: Deadline, work: Path, log_paths: list, on_gpu: bool) -> dict:
     config = train_config(sizes, on_gpu)
     toml = work / "train.toml"
     write_toml(toml, config)
@@ -682,19 +747,37 @@ def part_train(sizes: Sizes, variants: list[str], budget: Deadline, work: Path, 
         weights = [2.0 if j == 0 else 1.0 for j in range(i, len(variants))]
         timeout = left * weights[0] / sum(weights)
         dump = work / name
-        cmd = [sys.executable, "-m", "titan_geonorm.train", "--job.config_file", str(toml),
-               "--job.dump_folder", str(dump), "--model.name", name]
+        cmd = [
+            sys.executable,
+            "-m",
+            "titan_geonorm.train",
+            "--job.config_file",
+            str(toml),
+            "--job.dump_folder",
+            str(dump),
+            "--model.name",
+            name,
+        ]
         if tokenizer:
             cmd += ["--model.hf_assets_path", tokenizer]
-        env = child_env(not on_gpu) | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                                       "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                                       "MASTER_PORT": str(free_port())}
+        env = child_env(not on_gpu) | {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        }
         log_path = work / f"train_{name}.log"
         log_paths.append(log_path)
         rc, wall = run_process(cmd, env, timeout, log_path)
         run = summarize_run(read_records(dump), sizes.warmup)
-        run.update(rc=rc, wall_s=wall, timeout_s=timeout,
-                   status="done" if rc == 0 else ("timeout" if rc is None else f"error rc={rc}"))
+        run.update(
+            rc=rc,
+            wall_s=wall,
+            timeout_s=timeout,
+            status="done" if rc == 0 else ("timeout" if rc is None else f"error rc={rc}"),
+        )
         if rc != 0:
             run["log_tail"] = tail(log_path, 30)
         result["variants"][name] = run
@@ -720,24 +803,31 @@ def summary(report: dict) -> dict:
     compiled = parts.get("train", {}).get("config", {}).get("compile", {}).get("enable")
     # The target is for compiled runs; eager ratios are reported but judge nothing.
     out["variants_within_2pct_of_titan"] = {
-        "value": ratios, "compiled": compiled,
+        "value": ratios,
+        "compiled": compiled,
         "met": min(measured) >= TARGETS["variant_tps_ratio_min"] if measured and compiled else None,
     }
     settings = parts.get("optimizer", {}).get("settings", {})
     for geometry in ("stiefel", "dgram"):
-        exact = {k: r for k, r in settings.items()
-                 if r.get("geometry") == geometry and r.get("exact") and finite(r.get("x_muon"))}
+        exact = {
+            k: r
+            for k, r in settings.items()
+            if r.get("geometry") == geometry and r.get("exact") and finite(r.get("x_muon"))
+        }
         best = min(exact, key=lambda k: exact[k]["x_muon"]) if exact else None
         defaults = settings.get(f"{geometry} defaults", {})
         out[f"{geometry}_fastest_exact_x_muon"] = {
-            "setting": best, "value": exact[best]["x_muon"] if best else None,
+            "setting": best,
+            "value": exact[best]["x_muon"] if best else None,
             "met": exact[best]["x_muon"] <= TARGETS["exact_manifold_x_muon_max"] if best else None,
-            "defaults_x_muon": defaults.get("x_muon"), "defaults_exact": defaults.get("exact"),
+            "defaults_x_muon": defaults.get("x_muon"),
+            "defaults_exact": defaults.get("exact"),
         }
     muon = settings.get("muon", {})
     share = muon.get("share_of_fwd_bwd_world8")
     out["muon_share_of_fwd_bwd"] = {
-        "value_world8": share, "value_world1": muon.get("share_of_fwd_bwd"),
+        "value_world8": share,
+        "value_world1": muon.get("share_of_fwd_bwd"),
         "met": share <= TARGETS["muon_share_of_fwd_bwd_max"] if finite(share) else None,
     }
     numerics = parts.get("numerics", {})
@@ -765,8 +855,10 @@ def header(*cells) -> list[str]:
 def markdown(report: dict) -> str:
     env, parts = report["env"], report["parts"]
     peak = fmt(env.get("peak_tflops_torchtitan"), ".0f")
-    device = (f"{env.get('device')}, torch {env.get('torch')} (CUDA {env.get('cuda')}), "
-              f"torchtitan {env.get('torchtitan')}, torchtitan's peak {peak} TFLOP/s")
+    device = (
+        f"{env.get('device')}, torch {env.get('torch')} (CUDA {env.get('cuda')}), "
+        f"torchtitan {env.get('torchtitan')}, torchtitan's peak {peak} TFLOP/s"
+    )
     if env.get("smoke"):
         device += " — **smoke run (CPU, tiny sizes): its numbers are not measurements**"
     lines = [f"# GPU check, {env.get('date_utc')}", "", device, "", *header("part", "status", "wall s")]
@@ -775,65 +867,122 @@ def markdown(report: dict) -> str:
     train = parts.get("train")
     if train and train.get("variants"):
         c = train["config"]
-        title = (f"## Training: flavor `{c['model']['flavor']}`, seq {c['training']['seq_len']}, "
-                 f"batch {c['training']['local_batch_size']}, {c['training']['mixed_precision_param']}, "
-                 f"compile {c['compile']['enable']}, AC {c['activation_checkpoint']['mode']}, "
-                 f"{train['warmup_steps']} warm-up steps")
+        title = (
+            f"## Training: flavor `{c['model']['flavor']}`, seq {c['training']['seq_len']}, "
+            f"batch {c['training']['local_batch_size']}, {c['training']['mixed_precision_param']}, "
+            f"compile {c['compile']['enable']}, AC {c['activation_checkpoint']['mode']}, "
+            f"{train['warmup_steps']} warm-up steps"
+        )
         lines += ["", title, ""]
-        lines += header("variant", "status", "steps", "tokens/s", "x titan", "MFU %", "step s",
-                        "peak reserved GiB", "loss first -> last", "finite")
+        lines += header(
+            "variant",
+            "status",
+            "steps",
+            "tokens/s",
+            "x titan",
+            "MFU %",
+            "step s",
+            "peak reserved GiB",
+            "loss first -> last",
+            "finite",
+        )
         for name, r in train["variants"].items():
-            lines.append(row(
-                name, r.get("status"), fmt(r.get("steps_done")), fmt(r.get("tokens_per_s"), ",.0f"),
-                fmt(r.get("tps_vs_titan"), ".3f"), fmt(r.get("mfu_pct"), ".1f"), fmt(r.get("step_s"), ".3f"),
-                fmt(r.get("peak_reserved_gib"), ".1f"),
-                f"{fmt(r.get('loss_first'), '.3f')} -> {fmt(r.get('loss_last'), '.3f')}",
-                fmt(r.get("loss_finite"))))
+            lines.append(
+                row(
+                    name,
+                    r.get("status"),
+                    fmt(r.get("steps_done")),
+                    fmt(r.get("tokens_per_s"), ",.0f"),
+                    fmt(r.get("tps_vs_titan"), ".3f"),
+                    fmt(r.get("mfu_pct"), ".1f"),
+                    fmt(r.get("step_s"), ".3f"),
+                    fmt(r.get("peak_reserved_gib"), ".1f"),
+                    f"{fmt(r.get('loss_first'), '.3f')} -> {fmt(r.get('loss_last'), '.3f')}",
+                    fmt(r.get("loss_finite")),
+                )
+            )
 
     opt = parts.get("optimizer")
     if opt and opt.get("settings"):
         layer = opt.get("layer", {})
         shapes = ", ".join(f"{n.split('.')[-2]} {s[0]}x{s[1]}" for n, s in layer.get("matrices", {}).items())
         fwd_bwd = fmt(opt.get("fwd_bwd_ms"), ".2f")
-        title = (f"## Optimizer step, one Llama-3 layer ({shapes}), msign {layer.get('msign_dtype')}; "
-                 f"fwd+bwd of that layer at {layer.get('tokens')} tokens: {fwd_bwd} ms")
+        title = (
+            f"## Optimizer step, one Llama-3 layer ({shapes}), msign {layer.get('msign_dtype')}; "
+            f"fwd+bwd of that layer at {layer.get('tokens')} tokens: {fwd_bwd} ms"
+        )
         lines += ["", title, ""]
-        lines += header("setting", "step ms", "x Muon", "share of fwd+bwd (1 GPU)", "(8 GPUs)", "dual iters",
-                        "tangent violation", "exact", "manifold error")
+        lines += header(
+            "setting",
+            "step ms",
+            "x Muon",
+            "share of fwd+bwd (1 GPU)",
+            "(8 GPUs)",
+            "dual iters",
+            "tangent violation",
+            "exact",
+            "manifold error",
+        )
         for label, r in opt["settings"].items():
             if "step_ms" not in r:
                 lines.append(row(label, r.get("status"), *[""] * 7))
                 continue
-            lines.append(row(
-                label, fmt(r["step_ms"], ".2f"), fmt(r.get("x_muon"), ".2f"),
-                fmt(r.get("share_of_fwd_bwd"), ".1%"), fmt(r.get("share_of_fwd_bwd_world8"), ".1%"),
-                fmt(r.get("dual_iterations")), fmt(r.get("tangent_violation"), ".1e"), fmt(r.get("exact")),
-                fmt(r.get("manifold_error"), ".1e")))
+            lines.append(
+                row(
+                    label,
+                    fmt(r["step_ms"], ".2f"),
+                    fmt(r.get("x_muon"), ".2f"),
+                    fmt(r.get("share_of_fwd_bwd"), ".1%"),
+                    fmt(r.get("share_of_fwd_bwd_world8"), ".1%"),
+                    fmt(r.get("dual_iterations")),
+                    fmt(r.get("tangent_violation"), ".1e"),
+                    fmt(r.get("exact")),
+                    fmt(r.get("manifold_error"), ".1e"),
+                )
+            )
 
     num = parts.get("numerics", {})
     if any(key in num for key in ("geonorm", "stiefel", "dgram")):
         lines += ["", "## bf16 numerics", "", *header("check", "value", "tolerance", "ok")]
         g = num.get("geonorm", {})
         if "max_rel_norm_change_per_step" in g:
-            lines += [row(f"GeoNorm: max relative norm change per step ({g['tokens']} tokens x {g['dim']})",
-                          fmt(g["max_rel_norm_change_per_step"], ".2e"), fmt(g["step_tol"], ".2e"),
-                          fmt(g["ok"])),
-                      row(f"GeoNorm: norm drift over {g['steps']} steps",
-                          fmt(g["max_rel_norm_drift_chain"], ".2e"), fmt(g["chain_tol"], ".2e"),
-                          f"zero update exact: {fmt(g['zero_update_is_identity'])}, "
-                          f"grads finite: {fmt(g['grads_finite'])}")]
+            lines += [
+                row(
+                    f"GeoNorm: max relative norm change per step ({g['tokens']} tokens x {g['dim']})",
+                    fmt(g["max_rel_norm_change_per_step"], ".2e"),
+                    fmt(g["step_tol"], ".2e"),
+                    fmt(g["ok"]),
+                ),
+                row(
+                    f"GeoNorm: norm drift over {g['steps']} steps",
+                    fmt(g["max_rel_norm_drift_chain"], ".2e"),
+                    fmt(g["chain_tol"], ".2e"),
+                    f"zero update exact: {fmt(g['zero_update_is_identity'])}, grads finite: {fmt(g['grads_finite'])}",
+                ),
+            ]
             if "prenorm_max_rel_norm_error_per_step" in g:
                 err = g["prenorm_max_rel_norm_error_per_step"]
-                lines.append(row("GeoNorm radius prenorm: max relative error of the new norm vs norm(h + u)",
-                                 fmt(err, ".2e"), fmt(g["step_tol"], ".2e"), fmt(err <= g["step_tol"])))
+                lines.append(
+                    row(
+                        "GeoNorm radius prenorm: max relative error of the new norm vs norm(h + u)",
+                        fmt(err, ".2e"),
+                        fmt(g["step_tol"], ".2e"),
+                        fmt(err <= g["step_tol"]),
+                    )
+                )
         elif g:
             lines.append(row("GeoNorm", g.get("status"), "", fmt(g.get("ok"))))
         for geometry in ("stiefel", "dgram"):
             m = num.get(geometry, {})
             if "max_error_per_step" in m:
-                lines.append(row(f"ManifoldMuon {geometry}: max manifold error over {m['steps']} steps",
-                                 fmt(max(m["max_error_per_step"]), ".2e"), fmt(m["tol"], ".2e"),
-                                 fmt(m["ok"])))
+                lines.append(
+                    row(
+                        f"ManifoldMuon {geometry}: max manifold error over {m['steps']} steps",
+                        fmt(max(m["max_error_per_step"]), ".2e"),
+                        fmt(m["tol"], ".2e"),
+                        fmt(m["ok"]),
+                    )
+                )
             elif m:
                 lines.append(row(f"ManifoldMuon {geometry}", m.get("status"), "", fmt(m.get("ok"))))
 
@@ -841,20 +990,30 @@ def markdown(report: dict) -> str:
     lines += ["", "## Targets", "", *header("target", "value", "met")]
     v = s.get("variants_within_2pct_of_titan", {})
     ratios = ", ".join(f"{k.removeprefix('llama3_')} {fmt(x, '.3f')}" for k, x in v.get("value", {}).items())
-    lines.append(row(f"every variant >= 0.98 x llama3_titan tokens/s (compiled: {fmt(v.get('compiled'))})",
-                     ratios, fmt(v.get("met"))))
+    lines.append(
+        row(
+            f"every variant >= 0.98 x llama3_titan tokens/s (compiled: {fmt(v.get('compiled'))})",
+            ratios,
+            fmt(v.get("met")),
+        )
+    )
     for geometry in ("stiefel", "dgram"):
         t = s.get(f"{geometry}_fastest_exact_x_muon", {})
         best = f"{t['setting']}: {fmt(t['value'], '.2f')}x" if t.get("setting") else "no exact setting"
-        value = (f"{best} (defaults {fmt(t.get('defaults_x_muon'), '.2f')}x, "
-                 f"exact {fmt(t.get('defaults_exact'))})")
+        value = f"{best} (defaults {fmt(t.get('defaults_x_muon'), '.2f')}x, exact {fmt(t.get('defaults_exact'))})"
         lines.append(row(f"fastest exact {geometry} <= 3x Muon", value, fmt(t.get("met"))))
     t = s.get("muon_share_of_fwd_bwd", {})
-    lines.append(row("Muon <= 5% of fwd+bwd (8 GPUs)",
-                     f"{fmt(t.get('value_world8'), '.1%')} (1 GPU {fmt(t.get('value_world1'), '.1%')})",
-                     fmt(t.get("met"))))
-    lines += [row(f"bf16 {key} numerics", "", fmt(s.get(f"bf16_{key}", {}).get("met")))
-              for key in ("geonorm", "stiefel", "dgram")]
+    lines.append(
+        row(
+            "Muon <= 5% of fwd+bwd (8 GPUs)",
+            f"{fmt(t.get('value_world8'), '.1%')} (1 GPU {fmt(t.get('value_world1'), '.1%')})",
+            fmt(t.get("met")),
+        )
+    )
+    lines += [
+        row(f"bf16 {key} numerics", "", fmt(s.get(f"bf16_{key}", {}).get("met")))
+        for key in ("geonorm", "stiefel", "dgram")
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -868,8 +1027,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, for the test suite")
     parser.add_argument("--out", default="gpu_check_out", help="output folder when $OUT is unset")
-    parser.add_argument("--work", default=None,
-                        help="dump folders and full logs, kept (default: a temporary folder, removed)")
+    parser.add_argument(
+        "--work", default=None, help="dump folders and full logs, kept (default: a temporary folder, removed)"
+    )
     parser.add_argument("--deadline-s", type=float, default=450.0)
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--variants", default=None, help="comma-separated train specs")
@@ -878,10 +1038,18 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, help="train local batch size (default 4)")
     parser.add_argument("--steps", type=int, help="measured train steps after warm-up (default 30)")
     parser.add_argument("--warmup", type=int, help="train warm-up steps, a multiple of the log interval")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="per-block torch.compile of model and loss (default: on, off with --smoke)")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="train with mixed_precision_param bfloat16 (default: on, off with --smoke)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="per-block torch.compile of model and loss (default: on, off with --smoke)",
+    )
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train with mixed_precision_param bfloat16 (default: on, off with --smoke)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result-dir", help=argparse.SUPPRESS)
     parser.add_argument("--budget-s", type=float, help=argparse.SUPPRESS)
@@ -909,7 +1077,7 @@ def main(argv=None) -> int:
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))  # the repo's package, installed or not
     # Before environment(), which imports torchtitan: the entry point's import must come first.
-    variants = args.variants.split(",") if args.variants else shipped_variants()[:sizes.max_variants]
+    variants = args.variants.split(",") if args.variants else shipped_variants()[: sizes.max_variants]
     report = {"env": environment(args.smoke), "targets": TARGETS, "parts": {}}
     on_gpu = report["env"].get("device") not in (None, "cpu")
     log_paths: list[Path] = []

@@ -45,26 +45,28 @@ def paragraphs(text_file: str) -> list[str]:
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
 
-def cloze_records(documents: list[str], n: int, context_words: int, choice_words: int,
-                  rng: random.Random) -> list[dict]:
+def cloze_records(
+    documents: list[str], n: int, context_words: int, choice_words: int, rng: random.Random
+) -> list[dict]:
     """One record per usable document (enough words for a passage and a continuation)."""
     words = [d.split() for d in documents]
     usable = [i for i, w in enumerate(words) if len(w) >= context_words + choice_words]
     if len(usable) < N_CHOICES:
-        raise ValueError(f"only {len(usable)} documents have {context_words + choice_words} words; "
-                         f"the cloze task needs {N_CHOICES}: use more text or shorter passages")
+        raise ValueError(
+            f"only {len(usable)} documents have {context_words + choice_words} words; "
+            f"the cloze task needs {N_CHOICES}: use more text or shorter passages"
+        )
     records = []
     for i in usable[:n]:
         start = rng.randrange(len(words[i]) - context_words - choice_words + 1)
         cut = start + context_words
-        true = " ".join(words[i][cut:cut + choice_words])
+        true = " ".join(words[i][cut : cut + choice_words])
         choices = [true]
         for j in rng.sample([u for u in usable if u != i], N_CHOICES - 1):
             at = rng.randrange(len(words[j]) - choice_words + 1)
-            choices.append(" ".join(words[j][at:at + choice_words]))
+            choices.append(" ".join(words[j][at : at + choice_words]))
         rng.shuffle(choices)
-        records.append({"context": " ".join(words[i][start:cut]), "choices": choices,
-                        "gold": choices.index(true)})
+        records.append({"context": " ".join(words[i][start:cut]), "choices": choices, "gold": choices.index(true)})
     return records
 
 
@@ -74,9 +76,11 @@ def ppl_records(documents: list[str], n: int, ppl_words: int) -> list[dict]:
 
 def task_yaml(name: str, data_file: Path, body: str) -> str:
     # json.dumps gives a YAML double-quoted scalar: safe for any path.
-    return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-            f"    test: {json.dumps(str(data_file.resolve()))}\ntest_split: test\n{body}"
-            "metadata:\n  version: 1.0\n")
+    return (
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {json.dumps(str(data_file.resolve()))}\ntest_split: test\n{body}"
+        "metadata:\n  version: 1.0\n"
+    )
 
 
 CLOZE_BODY = """output_type: multiple_choice
@@ -97,8 +101,15 @@ metric_list:
 """
 
 
-def write_tasks(documents: list[str], output: Path, docs: int = 100, context_words: int = 32,
-                choice_words: int = 8, ppl_words: int = 200, seed: int = 0) -> dict[str, int]:
+def write_tasks(
+    documents: list[str],
+    output: Path,
+    docs: int = 100,
+    context_words: int = 32,
+    choice_words: int = 8,
+    ppl_words: int = 200,
+    seed: int = 0,
+) -> dict[str, int]:
     """Write both tasks into `output`; return the number of records of each."""
     rng = random.Random(seed)
     tasks = {
@@ -108,8 +119,7 @@ def write_tasks(documents: list[str], output: Path, docs: int = 100, context_wor
     output.mkdir(parents=True, exist_ok=True)
     for name, (records, body) in tasks.items():
         data = output / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-                        encoding="utf-8")
+        data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
         (output / f"{name}.yaml").write_text(task_yaml(name, data, body), encoding="utf-8")
     return {name: len(records) for name, (records, _) in tasks.items()}
 
@@ -132,10 +142,10 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
     try:
-        documents = (heldout_documents(args.config, overrides) if args.config
-                     else paragraphs(args.text))
-        counts = write_tasks(documents, Path(args.output), args.docs, args.context_words,
-                             args.choice_words, args.ppl_words, args.seed)
+        documents = heldout_documents(args.config, overrides) if args.config else paragraphs(args.text)
+        counts = write_tasks(
+            documents, Path(args.output), args.docs, args.context_words, args.choice_words, args.ppl_words, args.seed
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"make_lm_eval_task: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -58,10 +58,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(hf)
     model = AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.eos_token_id)
+    out = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     print(f"\n{type(model).__name__} ({target} export) continues {args.prompt!r}:")
-    print(f"  {tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)!r}\n")
+    print(f"  {tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)!r}\n")
 
     step, loss, tps = summarize(dump)
     tb = os.path.join(dump, job_config.metrics.save_tb_folder)

@@ -50,8 +50,9 @@ def parallel_dims(dp_shard: int, tp: int):
     """torchtitan's ParallelDims of this process group for FSDP x TP, with its mesh built."""
     from torchtitan.distributed import ParallelDims
 
-    dims = ParallelDims(dp_replicate=1, dp_shard=dp_shard, cp=1, tp=tp, pp=1, ep=1, etp=1,
-                        world_size=dist.get_world_size())
+    dims = ParallelDims(
+        dp_replicate=1, dp_shard=dp_shard, cp=1, tp=tp, pp=1, ep=1, etp=1, world_size=dist.get_world_size()
+    )
     dims.build_mesh()
     return dims
 

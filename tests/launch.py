@@ -17,8 +17,16 @@ TINY_CONFIG = REPO / "tests" / "configs" / "tiny.toml"
 def torchrun_cmd(nproc: int, *, nnodes: int = 1, rdzv_endpoint: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
     if nnodes > 1:
-        cmd += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", "titan_geonorm_test"]
+        cmd += [
+            "--nnodes",
+            str(nnodes),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            rdzv_endpoint,
+            "--rdzv-id",
+            "titan_geonorm_test",
+        ]
     else:
         cmd += ["--standalone"]
     return cmd
@@ -31,18 +39,23 @@ def env(**extra) -> dict[str, str]:
     return e
 
 
-def train(dump: Path, *overrides: str, nproc: int = 1, config: Path = TINY_CONFIG,
-          timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+def train(
+    dump: Path, *overrides: str, nproc: int = 1, config: Path = TINY_CONFIG, timeout: int = 600, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run training to completion; raise with the tail of its output if it fails."""
     cmd = torchrun_cmd(nproc) + [
-        "-m", "titan_geonorm.train", "--job.config_file", str(config),
-        "--job.dump_folder", str(dump), *overrides,
+        "-m",
+        "titan_geonorm.train",
+        "--job.config_file",
+        str(config),
+        "--job.dump_folder",
+        str(dump),
+        *overrides,
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"training failed (rc={proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}\n"
-            f"{proc.stderr[-8000:]}"
+            f"training failed (rc={proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
         )
     return proc
 

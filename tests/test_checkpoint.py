@@ -38,8 +38,9 @@ def _layout(folder: Path, complete: list[int], partial: list[int]) -> None:
 
 
 def _purged(folder: Path, which: str) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", _PURGE, str(folder), which], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", _PURGE, str(folder), which], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return [Path(p).name for p in json.loads(out.stdout.strip().splitlines()[-1])]
 

@@ -69,14 +69,12 @@ def test_gloo_barrier_with_patch():
 
 
 def test_apply_is_idempotent_and_refuses_late_import():
-    code = (
-        "import titan_geonorm.titan.patches as c\n"
-        "print(c.apply_cpu_patches(), c.apply_cpu_patches())"
-    )
+    code = "import titan_geonorm.titan.patches as c\nprint(c.apply_cpu_patches(), c.apply_cpu_patches())"
     assert _python(code) == "True True"
     late = subprocess.run(
         [sys.executable, "-c", "import torchtitan.tools.utils; import titan_geonorm.train"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert late.returncode != 0
     assert "python -m titan_geonorm.train" in late.stderr

@@ -10,10 +10,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torchtitan.models.llama3.model.model import apply_rotary_emb  # noqa: I001 (after the plugin)
 
 from tests.distributed import run_distributed_test
 from titan_geonorm.diagnostics import Diagnostics, DiagnosticsConfig, build_diagnostics
-from torchtitan.models.llama3.model.model import apply_rotary_emb  # noqa: I001 (after the plugin)
 from titan_geonorm.models.args import VariantModelArgs
 from titan_geonorm.models.config import GeoNormConfig
 from titan_geonorm.models.model import VariantTransformer
@@ -23,8 +23,7 @@ D = "diagnostics/"
 
 def _model(block: str = "pre") -> VariantTransformer:
     torch.manual_seed(0)
-    args = VariantModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64,
-                            max_seq_len=16, block=block)
+    args = VariantModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16, block=block)
     model = VariantTransformer(args)
     with torch.no_grad():
         model.init_weights()
@@ -39,8 +38,7 @@ def _reference_attention(model, tokens: torch.Tensor) -> tuple[list[float], list
     """Per layer: max causal logit and mean softmax entropy (torch.distributions) on `tokens`."""
     inputs = {}
     handles = [
-        block.attention.register_forward_pre_hook(
-            lambda m, a, i=i: inputs.__setitem__(i, a[0].detach()))
+        block.attention.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].detach()))
         for i, block in enumerate(model.layers.values())
     ]
     with torch.no_grad():
@@ -75,8 +73,7 @@ def _fsdp_check() -> None:
     model.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
 
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank))
-    diag = Diagnostics(DiagnosticsConfig(enable=True, freq=3, attention_sequences=1, attention_max_tokens=12),
-                       [model])
+    diag = Diagnostics(DiagnosticsConfig(enable=True, freq=3, attention_sequences=1, attention_max_tokens=12), [model])
     fsdp_hooks = _hook_count(model)
     diag.begin(2)
     assert _hook_count(model) == fsdp_hooks, "hooks on a non-diagnostic step"
@@ -165,9 +162,11 @@ def test_geonorm_theta_and_ones_angle_single_process():
     x = captured["x"].double()
     c = x.mean(-1) / x.square().mean(-1).sqrt()
     assert metrics[f"{D}ones_angle_deg/layers.1.ffn_norm"] == pytest.approx(
-        math.degrees(math.acos(c.mean().item())), rel=1e-6)
+        math.degrees(math.acos(c.mean().item())), rel=1e-6
+    )
     assert metrics[f"{D}ones_angle_abs_deg/layers.1.ffn_norm"] == pytest.approx(
-        math.degrees(math.acos(c.abs().mean().item())), rel=1e-6)
+        math.degrees(math.acos(c.abs().mean().item())), rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("radius", ["prenorm", "sphere"])
@@ -175,8 +174,16 @@ def test_geonorm_radius_growth_per_step(radius):
     """`radius_growth/<step>` is the mean per-token R/||h|| of each geodesic step: ||h + u||/||h||
     with the Pre-Norm radius (the norm a Pre-LN residual would reach), 1 on the sphere."""
     torch.manual_seed(0)
-    args = VariantModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16,
-                            block="geonorm", geonorm=GeoNormConfig(radius=radius))
+    args = VariantModelArgs(
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=64,
+        max_seq_len=16,
+        block="geonorm",
+        geonorm=GeoNormConfig(radius=radius),
+    )
     model = VariantTransformer(args)
     with torch.no_grad():
         model.init_weights()
@@ -185,9 +192,11 @@ def test_geonorm_radius_growth_per_step(radius):
             block.feed_forward.w2.weight.mul_(30.0)
     captured = {}
     handles = [
-        model.layers[i].get_submodule(name).register_forward_hook(
-            lambda m, a, out, key=f"layers.{i}.{name}": captured.update({key: (a[0], a[1])}))
-        for i in ("0", "1") for name in ("attention_step", "ffn_step")
+        model.layers[i]
+        .get_submodule(name)
+        .register_forward_hook(lambda m, a, out, key=f"layers.{i}.{name}": captured.update({key: (a[0], a[1])}))
+        for i in ("0", "1")
+        for name in ("attention_step", "ffn_step")
     ]
     diag = Diagnostics(DiagnosticsConfig(enable=True, freq=1), [model])
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from titan_geonorm.geonorm import (
     DECAY_SCHEDULES,
-    Gain,
     RADII,
     UPDATE_MAPS,
+    Gain,
     GeodesicStep,
     decay,
     geodesic_step,
@@ -110,9 +110,12 @@ def test_gradcheck_float64_with_zero_update(radius, update_map, center):
     base_max = 0.9 if update_map == "exp" else math.inf
     inputs = (h.requires_grad_(), u.requires_grad_(), torch.tensor([0.8], dtype=torch.float64).requires_grad_())
     assert torch.autograd.gradcheck(
-        lambda h, u, a: geodesic_step(h, u, a, 1.2, center, radius=radius, update_map=update_map,
-                                      theta_base_max=base_max),
-        inputs, eps=1e-6, atol=1e-6,
+        lambda h, u, a: geodesic_step(
+            h, u, a, 1.2, center, radius=radius, update_map=update_map, theta_base_max=base_max
+        ),
+        inputs,
+        eps=1e-6,
+        atol=1e-6,
     )
 
 
@@ -124,7 +127,9 @@ def test_gradcheck_float64_with_angle_bias(radius):
     inputs = [h, u, torch.tensor([0.8], dtype=torch.float64), torch.tensor([0.1], dtype=torch.float64)]
     assert torch.autograd.gradcheck(
         lambda h, u, a, b: geodesic_step(h, u, a, 1.2, bias=b, radius=radius),
-        [x.requires_grad_() for x in inputs], eps=1e-6, atol=1e-6,
+        [x.requires_grad_() for x in inputs],
+        eps=1e-6,
+        atol=1e-6,
     )
 
 
@@ -180,8 +185,9 @@ def test_exp_map_differs_from_retraction_quadratically(radius):
     for e in eps:
         u = e * w
         retraction = h + u if radius == "prenorm" else h.norm(dim=-1, keepdim=True) * F.normalize(h + u, dim=-1)
-        torch.testing.assert_close(geodesic_step(h, u, 1.0, math.pi, radius=radius, update_map="retraction"),
-                                   retraction, rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            geodesic_step(h, u, 1.0, math.pi, radius=radius, update_map="retraction"), retraction, rtol=0, atol=1e-12
+        )
         errors.append((geodesic_step(h, u, 1.0, math.pi, radius=radius) - retraction).norm(dim=-1).max())
     errors = torch.stack(errors)
     per_eps2 = errors / eps.square()
@@ -300,8 +306,13 @@ SHAPE = dict(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq
 
 def _model(block: str, norm_type: str = "rmsnorm", geonorm: GeoNormConfig | None = None) -> VariantTransformer:
     torch.manual_seed(0)
-    args = VariantModelArgs(**SHAPE, block=block, norm_type=norm_type, norm_bias=norm_type == "layernorm",
-                            geonorm=geonorm or GeoNormConfig())
+    args = VariantModelArgs(
+        **SHAPE,
+        block=block,
+        norm_type=norm_type,
+        norm_bias=norm_type == "layernorm",
+        geonorm=geonorm or GeoNormConfig(),
+    )
     model = VariantTransformer(args)
     with torch.no_grad():
         model.init_weights()
@@ -317,9 +328,17 @@ def test_prenorm_retraction_model_is_pre_ln(norm_type):
         for p in pre.parameters():
             if p.ndim == 1:  # gains and biases off their init, so a dropped norm would show
                 p.add_(0.2 * torch.randn_like(p))
-    exact = GeoNormConfig(radius="prenorm", update_map="retraction", attn_decay="none", ffn_decay="none",
-                          learnable_step=False, step_init=1.0, learnable_bias=False,
-                          theta_base_max=math.inf, theta_max=math.pi)
+    exact = GeoNormConfig(
+        radius="prenorm",
+        update_map="retraction",
+        attn_decay="none",
+        ffn_decay="none",
+        learnable_step=False,
+        step_init=1.0,
+        learnable_bias=False,
+        theta_base_max=math.inf,
+        theta_max=math.pi,
+    )
     geo = _model("geonorm", norm_type, exact)
     geo.load_state_dict(pre.state_dict(), strict=True)
     tokens = torch.randint(0, SHAPE["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
@@ -333,15 +352,17 @@ def test_decay_index_block_shares_the_decay_of_both_sublayers():
     """decay_index = block: both steps of block l use s(l) of K = L steps; sublayer: s(2l), s(2l+1)
     of K = 2L. The block's forward applies it."""
     L = SHAPE["n_layers"]
-    for schedule, expected in (("harmonic", lambda l: 1 / (l + 1)), ("linear", lambda l: (L - l) / L)):
-        model = _model("geonorm", geonorm=GeoNormConfig(attn_decay=schedule, ffn_decay=schedule,
-                                                        decay_index="block"))
-        for l, block in model.layers.items():
-            assert block.attention_step.decay == block.ffn_step.decay == pytest.approx(expected(int(l)))
-    sublayer = _model("geonorm", geonorm=GeoNormConfig(attn_decay="harmonic", ffn_decay="harmonic",
-                                                       decay_index="sublayer"))
+    for schedule, expected in (("harmonic", lambda b: 1 / (b + 1)), ("linear", lambda b: (L - b) / L)):
+        model = _model("geonorm", geonorm=GeoNormConfig(attn_decay=schedule, ffn_decay=schedule, decay_index="block"))
+        for i, block in model.layers.items():
+            assert block.attention_step.decay == block.ffn_step.decay == pytest.approx(expected(int(i)))
+    sublayer = _model(
+        "geonorm", geonorm=GeoNormConfig(attn_decay="harmonic", ffn_decay="harmonic", decay_index="sublayer")
+    )
     assert (sublayer.layers["1"].attention_step.decay, sublayer.layers["1"].ffn_step.decay) == (
-        pytest.approx(1 / 3), pytest.approx(1 / 4))
+        pytest.approx(1 / 3),
+        pytest.approx(1 / 4),
+    )
     cfg = GeoNormConfig(attn_decay="harmonic", ffn_decay="harmonic", decay_index="block")
     block = _model("geonorm", geonorm=cfg).layers["2"]
     with torch.no_grad():
@@ -349,8 +370,9 @@ def test_decay_index_block_shares_the_decay_of_both_sublayers():
         block.ffn_step.bias.fill_(0.1)
     x = 3.0 * torch.randn(2, 16, SHAPE["dim"], generator=torch.Generator().manual_seed(2))
     fc = _model("geonorm", geonorm=cfg).freqs_cis
-    options = dict(theta_max=cfg.theta_max, radius=cfg.radius, update_map=cfg.update_map,
-                   theta_base_max=cfg.theta_base_max)
+    options = dict(
+        theta_max=cfg.theta_max, radius=cfg.radius, update_map=cfg.update_map, theta_base_max=cfg.theta_base_max
+    )
     with torch.no_grad():
         h = geodesic_step(x, block.attention(block.attention_norm(x), fc, None), 0.9 / 3, **options)
         expected = geodesic_step(h, block.feed_forward(block.ffn_norm(h)), 1 / 3, bias=0.1 / 3, **options)

@@ -109,8 +109,18 @@ def test_states_and_weights_stay_on_the_unit_sphere(optimizer):
     every block's input and output, and every weight matrix along the model dim, are unit."""
     from titan_geonorm.titan.launcher import parse_config
 
-    job_config = parse_config(["--job.config_file", str(TINY_CONFIG), "--model.name", "llama3_ngpt",
-                               "--optimizer.name", optimizer, "--optimizer.lr", "1e-2"])
+    job_config = parse_config(
+        [
+            "--job.config_file",
+            str(TINY_CONFIG),
+            "--model.name",
+            "llama3_ngpt",
+            "--optimizer.name",
+            optimizer,
+            "--optimizer.lr",
+            "1e-2",
+        ]
+    )
     model = build("ngpt")
     container = build_optimizers([model], job_config.optimizer, parallel_dims=None)
     x = tokens(seed=3, length=17)
@@ -138,9 +148,21 @@ def _train_like_one_process():
     entry whose gradient is near 1e-8 turns reduction-order noise of 1e-11 into a parameter
     difference of 1e-5 (measured under TP; the losses agree to 1e-6 either way)."""
     job_config = ConfigManager().parse_args(
-        ["--job.custom_config_module", "titan_geonorm.config", "--training.seq_len", "16",
-         "--parallelism.disable_loss_parallel", "--training.mixed_precision_param", "float32",
-         "--optimizer.lr", "1e-2", "--optimizer.eps", "1e-6", "--optimizer.implementation", "for-loop"]
+        [
+            "--job.custom_config_module",
+            "titan_geonorm.config",
+            "--training.seq_len",
+            "16",
+            "--parallelism.disable_loss_parallel",
+            "--training.mixed_precision_param",
+            "float32",
+            "--optimizer.lr",
+            "1e-2",
+            "--optimizer.eps",
+            "1e-6",
+            "--optimizer.implementation",
+            "for-loop",
+        ]
     )
     for dp_shard, tp in ((2, 1), (1, 2)):
         dims = parallel_dims(dp_shard, tp)
@@ -160,8 +182,9 @@ def _train_like_one_process():
             total = loss.detach().clone()
             if dims.fsdp_enabled:
                 dist.all_reduce(total, group=dims.get_mesh("fsdp").get_group())
-            torch.testing.assert_close(total, ref_loss.detach(), atol=1e-5, rtol=0,
-                                       msg=f"dp {dp_shard} tp {tp} loss at step {step}")
+            torch.testing.assert_close(
+                total, ref_loss.detach(), atol=1e-5, rtol=0, msg=f"dp {dp_shard} tp {tp} loss at step {step}"
+            )
             for container in optimizers:
                 container.step()
                 container.zero_grad()
@@ -189,8 +212,16 @@ def test_trainer_tp2_and_resume_reproduce_one_process(tmp_path):
     args = ("--model.name", "llama3_ngpt", "--optimizer.name", "ManifoldMuon", "--training.steps", "6")
     train(one, *args, "--checkpoint.enable", "--checkpoint.interval", "3")
     tokenizer = ("--model.hf_assets_path", str(one / "tokenizer"))
-    train(tp, *args, *tokenizer, "--parallelism.tensor_parallel_degree", "2",
-          "--parallelism.data_parallel_shard_degree", "1", nproc=2)
+    train(
+        tp,
+        *args,
+        *tokenizer,
+        "--parallelism.tensor_parallel_degree",
+        "2",
+        "--parallelism.data_parallel_shard_degree",
+        "1",
+        nproc=2,
+    )
     assert losses(tp) == pytest.approx(losses(one), abs=1e-5)
     (resumed / "checkpoint").mkdir(parents=True)
     shutil.copytree(one / "checkpoint" / "step-3", resumed / "checkpoint" / "step-3")

@@ -21,6 +21,7 @@ def test_every_patch_is_listed_in_the_readme():
 @pytest.mark.parametrize("patch", PATCHES, ids=lambda p: p.name)
 def test_patch_applies_to_torchtitan_wheel(patch):
     # `git apply --check` outside a repository is a plain dry-run patch tool.
-    out = subprocess.run(["git", "apply", "--check", "-p1", str(patch)], cwd=SITE_PACKAGES,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["git", "apply", "--check", "-p1", str(patch)], cwd=SITE_PACKAGES, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr

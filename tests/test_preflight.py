@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from tests.launch import REPO, TINY_CONFIG, env
-from titan_geonorm.titan.preflight import ConfigError, run_preflight
 from titan_geonorm.titan.launcher import parse_config
+from titan_geonorm.titan.preflight import ConfigError, run_preflight
 
 
 def check(*overrides: str, world: int = 1, config=TINY_CONFIG, monkeypatch=None):
@@ -17,8 +17,14 @@ def check(*overrides: str, world: int = 1, config=TINY_CONFIG, monkeypatch=None)
 
 def test_good_config_passes(monkeypatch):
     check(monkeypatch=monkeypatch)
-    check("--parallelism.data_parallel_shard_degree", "2", "--parallelism.tensor_parallel_degree",
-          "2", world=4, monkeypatch=monkeypatch)
+    check(
+        "--parallelism.data_parallel_shard_degree",
+        "2",
+        "--parallelism.tensor_parallel_degree",
+        "2",
+        world=4,
+        monkeypatch=monkeypatch,
+    )
 
 
 @pytest.mark.parametrize(
@@ -26,11 +32,13 @@ def test_good_config_passes(monkeypatch):
     [
         (["--model.name", "llama4_nope"], 1, "model.name = 'llama4_nope'"),
         (["--model.flavor", "9T"], 1, "model.flavor = '9T'"),
-        (["--training.dataset", "text_files", "--training.dataset_path", "/no/such/dir"], 1,
-         "/no/such/dir"),
+        (["--training.dataset", "text_files", "--training.dataset_path", "/no/such/dir"], 1, "/no/such/dir"),
         (["--training.dataset", "text_files"], 1, "training.dataset_path"),
-        (["--parallelism.data_parallel_shard_degree", "2",
-          "--parallelism.tensor_parallel_degree", "2"], 2, "world size is 2"),
+        (
+            ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.tensor_parallel_degree", "2"],
+            2,
+            "world size is 2",
+        ),
         (["--parallelism.tensor_parallel_degree", "3"], 4, "not divisible"),
         (["--parallelism.data_parallel_shard_degree", "0"], 1, "data_parallel_shard_degree"),
         (["--checkpoint.create_seed_checkpoint"], 1, "checkpoint.enable"),
@@ -57,9 +65,22 @@ def test_missing_config_file_is_refused(monkeypatch):
 
 def test_cli_exits_2_with_one_line_before_any_compute(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "titan_geonorm.train", "--job.config_file", str(TINY_CONFIG),
-         "--job.dump_folder", str(tmp_path), "--model.flavor", "9T"],
-        cwd=REPO, env=env(WORLD_SIZE="1"), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "titan_geonorm.train",
+            "--job.config_file",
+            str(TINY_CONFIG),
+            "--job.dump_folder",
+            str(tmp_path),
+            "--model.flavor",
+            "9T",
+        ],
+        cwd=REPO,
+        env=env(WORLD_SIZE="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2
     assert "invalid configuration: model.flavor = '9T'" in proc.stderr

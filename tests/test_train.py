@@ -30,8 +30,14 @@ def from_seed(seed: Path, dump: Path, *overrides: str, nproc: int = 1) -> list[f
     (dump / "checkpoint").mkdir(parents=True)
     shutil.copytree(seed / "checkpoint" / "step-0", dump / "checkpoint" / "step-0")
     train(
-        dump, "--model.hf_assets_path", str(seed / "tokenizer"), "--checkpoint.enable",
-        "--checkpoint.interval", "1000", *overrides, nproc=nproc,
+        dump,
+        "--model.hf_assets_path",
+        str(seed / "tokenizer"),
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "1000",
+        *overrides,
+        nproc=nproc,
     )
     return losses(dump)
 
@@ -53,8 +59,9 @@ def single(seed, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fsdp(seed, tmp_path_factory) -> Path:
     dump = tmp_path_factory.mktemp("fsdp")
-    from_seed(seed, dump, "--parallelism.data_parallel_shard_degree", "2",
-              "--activation_checkpoint.mode", "full", nproc=2)
+    from_seed(
+        seed, dump, "--parallelism.data_parallel_shard_degree", "2", "--activation_checkpoint.mode", "full", nproc=2
+    )
     return dump
 
 
@@ -68,9 +75,15 @@ def test_fsdp2_with_full_ac_trains(fsdp):
 
 def test_ddp_with_selective_ac_matches_fsdp(seed, fsdp, tmp_path):
     ddp = from_seed(
-        seed, tmp_path, "--parallelism.data_parallel_replicate_degree", "2",
-        "--parallelism.data_parallel_shard_degree", "1",
-        "--activation_checkpoint.mode", "selective", nproc=2,
+        seed,
+        tmp_path,
+        "--parallelism.data_parallel_replicate_degree",
+        "2",
+        "--parallelism.data_parallel_shard_degree",
+        "1",
+        "--activation_checkpoint.mode",
+        "selective",
+        nproc=2,
     )
     assert_trains(tmp_path)
     assert ddp[:3] == pytest.approx(losses(fsdp)[:3], abs=1e-4)
@@ -78,21 +91,34 @@ def test_ddp_with_selective_ac_matches_fsdp(seed, fsdp, tmp_path):
 
 
 def test_tp2_matches_single_rank(seed, single, tmp_path):
-    tp = from_seed(seed, tmp_path, "--parallelism.tensor_parallel_degree", "2",
-                   "--parallelism.data_parallel_shard_degree", "1", nproc=2)
+    tp = from_seed(
+        seed,
+        tmp_path,
+        "--parallelism.tensor_parallel_degree",
+        "2",
+        "--parallelism.data_parallel_shard_degree",
+        "1",
+        nproc=2,
+    )
     assert_trains(tmp_path)
     assert tp[:3] == pytest.approx(losses(single)[:3], abs=1e-4)
 
 
 def test_fsdp_x_tp_on_4_ranks_trains(seed, tmp_path):
-    from_seed(seed, tmp_path, "--parallelism.tensor_parallel_degree", "2",
-              "--parallelism.data_parallel_shard_degree", "2", nproc=4)
+    from_seed(
+        seed,
+        tmp_path,
+        "--parallelism.tensor_parallel_degree",
+        "2",
+        "--parallelism.data_parallel_shard_degree",
+        "2",
+        nproc=4,
+    )
     assert_trains(tmp_path)
 
 
 def test_compile_with_fsdp_trains(seed, tmp_path):
-    from_seed(seed, tmp_path, "--parallelism.data_parallel_shard_degree", "2",
-              "--compile.enable", nproc=2)
+    from_seed(seed, tmp_path, "--parallelism.data_parallel_shard_degree", "2", "--compile.enable", nproc=2)
     assert_trains(tmp_path)
 
 
@@ -100,8 +126,9 @@ def test_resume_reproduces_uninterrupted_losses(seed, single, tmp_path):
     """Restart from the step-5 checkpoint of `single` and compare steps 6-10."""
     (tmp_path / "checkpoint").mkdir()
     shutil.copytree(single / "checkpoint" / "step-5", tmp_path / "checkpoint" / "step-5")
-    train(tmp_path, "--model.hf_assets_path", str(seed / "tokenizer"), "--checkpoint.enable",
-          "--checkpoint.interval", "5")
+    train(
+        tmp_path, "--model.hf_assets_path", str(seed / "tokenizer"), "--checkpoint.enable", "--checkpoint.interval", "5"
+    )
     assert steps(tmp_path) == [6, 7, 8, 9, 10]
     assert losses(tmp_path) == pytest.approx(losses(single)[5:], abs=1e-5)
 
@@ -110,13 +137,24 @@ def test_two_nodes_train_and_checkpoint(seed, tmp_path):
     """Two torchrun agents (`--nnodes 2`, c10d rendezvous on 127.0.0.1) form one FSDP job."""
     endpoint = f"127.0.0.1:{free_port()}"
     cmd = torchrun_cmd(1, nnodes=2, rdzv_endpoint=endpoint) + [
-        "-m", "titan_geonorm.train", "--job.config_file", str(TINY_CONFIG),
-        "--job.dump_folder", str(tmp_path), "--model.hf_assets_path", str(seed / "tokenizer"),
-        "--checkpoint.enable", "--checkpoint.interval", "5",
-        "--parallelism.data_parallel_shard_degree", "2",
+        "-m",
+        "titan_geonorm.train",
+        "--job.config_file",
+        str(TINY_CONFIG),
+        "--job.dump_folder",
+        str(tmp_path),
+        "--model.hf_assets_path",
+        str(seed / "tokenizer"),
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "5",
+        "--parallelism.data_parallel_shard_degree",
+        "2",
     ]
-    nodes = [subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    nodes = [
+        subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
     outs = [n.communicate(timeout=600)[0] for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert_trains(tmp_path)
@@ -129,7 +167,18 @@ def test_tp2_without_seed_checkpoint_starts_like_one_process(tmp_path):
     RNG), so step 1 equals a single-process run with the same seed and data."""
     one, tp = tmp_path / "one", tmp_path / "tp"
     train(one, "--training.steps", "2", "--debug.seed", "7")
-    train(tp, "--training.steps", "2", "--debug.seed", "7", "--model.hf_assets_path",
-          str(one / "tokenizer"), "--parallelism.tensor_parallel_degree", "2",
-          "--parallelism.data_parallel_shard_degree", "1", nproc=2)
+    train(
+        tp,
+        "--training.steps",
+        "2",
+        "--debug.seed",
+        "7",
+        "--model.hf_assets_path",
+        str(one / "tokenizer"),
+        "--parallelism.tensor_parallel_degree",
+        "2",
+        "--parallelism.data_parallel_shard_degree",
+        "1",
+        nproc=2,
+    )
     assert losses(tp)[0] == pytest.approx(losses(one)[0], abs=1e-4)

@@ -2,13 +2,13 @@
 
 Use with `[job] custom_config_module = "titan_geonorm.config"`. torchtitan merges same-named
 dataclass sections field by field, so `model`, `training`, `validation`, `optimizer`, `checkpoint`
-and `metrics` below add keys to torchtitan's sections, while `geonorm`, `peri_ln`, `divergence` and `diagnostics` are new sections.
+and `metrics` below add keys to torchtitan's sections, while `geonorm`, `peri_ln`, `divergence` and
+`diagnostics` are new sections.
 """
 
 from dataclasses import dataclass, field, fields
 
 from titan_geonorm.checks import require
-
 from titan_geonorm.data.config import TrainingExtras, ValidationExtras
 from titan_geonorm.diagnostics_config import DiagnosticsConfig
 from titan_geonorm.divergence_config import DivergenceConfig
@@ -40,8 +40,9 @@ others shape the saved optimizer state."""
 def _resumable_changes() -> tuple[str, ...]:
     """Record keys (`titan.resume`) whose change on resume a user may allow."""
     model = MODEL_RECORD_KEYS
-    variant = tuple(f"{s}.{f.name}" for s, cls in (("geonorm", GeoNormConfig), ("peri_ln", PeriLNConfig))
-                    for f in fields(cls))
+    variant = tuple(
+        f"{s}.{f.name}" for s, cls in (("geonorm", GeoNormConfig), ("peri_ln", PeriLNConfig)) for f in fields(cls)
+    )
     return model + variant + OPTIMIZER_RESUMABLE
 
 
@@ -57,9 +58,13 @@ class Checkpoint:
     def validate(self) -> None:
         allowed = _resumable_changes()
         for key in self.allow_resume_changes:
-            require(key in allowed, "checkpoint.allow_resume_changes", self.allow_resume_changes,
-                    f"{key!r} is not one of {allowed} (optimizer.name, betas, eps and the Manifold "
-                    "Muon routing cannot change on resume)")
+            require(
+                key in allowed,
+                "checkpoint.allow_resume_changes",
+                self.allow_resume_changes,
+                f"{key!r} is not one of {allowed} (optimizer.name, betas, eps and the Manifold "
+                "Muon routing cannot change on resume)",
+            )
 
 
 @dataclass

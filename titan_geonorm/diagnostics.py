@@ -75,9 +75,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def _replication(t: torch.Tensor) -> int:
     """How many ranks hold a copy of each element of `t`'s local shard."""
     if isinstance(t, DTensor):
-        return math.prod(
-            t.device_mesh.size(d) for d, p in enumerate(t.placements) if isinstance(p, Replicate)
-        )
+        return math.prod(t.device_mesh.size(d) for d, p in enumerate(t.placements) if isinstance(p, Replicate))
     # Plain parameters in a process group are replicas (DDP) or the whole model (1 process).
     return dist.get_world_size() if dist.is_initialized() else 1
 
@@ -142,8 +140,9 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _attention_stats(red: _Reducer, key: str, attn: nn.Module, x: torch.Tensor, freqs_cis, positions,
-                     sequences: int, max_tokens: int) -> None:
+def _attention_stats(
+    red: _Reducer, key: str, attn: nn.Module, x: torch.Tensor, freqs_cis, positions, sequences: int, max_tokens: int
+) -> None:
     """Max logit and mean softmax entropy of a causal side computation on a subsample of `x`."""
     with torch.no_grad():
         x = x[:sequences, :max_tokens]
@@ -203,7 +202,8 @@ class Diagnostics:
         self._before: dict[str, torch.Tensor] = {}
         self._time = 0.0
         self.matrices = [
-            (clean_name(n).removesuffix(".weight"), p) for n, p in self.model.named_parameters()
+            (clean_name(n).removesuffix(".weight"), p)
+            for n, p in self.model.named_parameters()
             if p.ndim == 2 and _BLOCK_MATRIX.match(clean_name(n))
         ]
 
@@ -218,6 +218,7 @@ class Diagnostics:
             out = fn(*args, **kwargs)
             self._time += time.perf_counter() - start
             return out
+
         return hook
 
     def _once(self, key: str) -> bool:
@@ -239,18 +240,21 @@ class Diagnostics:
             def hook(module, args, output):
                 if self._once(f"resid/{i}"):
                     _activation_stats(red, f"resid/{i}", output)
+
             return hook
 
         def norm_in(name):
             def hook(module, args):
                 if self._once(f"ones/{name}"):
                     _ones_cosine_stats(red, f"ones/{name}", args[0])
+
             return hook
 
         def geodesic(name):
             def hook(module, args):
                 if self._once(f"theta/{name}"):
                     _theta_stats(red, f"theta/{name}", module, args[0], args[1])
+
             return hook
 
         def attention(i):
@@ -259,17 +263,24 @@ class Diagnostics:
                     return
                 names = ("x", "freqs_cis", "attention_masks", "positions")
                 values = dict(zip(names, args)) | kwargs
-                _attention_stats(red, f"attn/{i}", module, values["x"].detach(), values["freqs_cis"],
-                                 values.get("positions"), cfg.attention_sequences, cfg.attention_max_tokens)
+                _attention_stats(
+                    red,
+                    f"attn/{i}",
+                    module,
+                    values["x"].detach(),
+                    values["freqs_cis"],
+                    values.get("positions"),
+                    cfg.attention_sequences,
+                    cfg.attention_max_tokens,
+                )
+
             return hook
 
         if layers:
-            self._handles.append(layers[0][1].register_forward_pre_hook(
-                self._timed(residual_in), with_kwargs=True))
+            self._handles.append(layers[0][1].register_forward_pre_hook(self._timed(residual_in), with_kwargs=True))
         for i, block in layers:
             self._handles.append(block.register_forward_hook(self._timed(residual_out(i))))
-            self._handles.append(block.attention.register_forward_pre_hook(
-                self._timed(attention(i)), with_kwargs=True))
+            self._handles.append(block.attention.register_forward_pre_hook(self._timed(attention(i)), with_kwargs=True))
         for name, module in self.model.named_modules():
             name = clean_name(name)
             if isinstance(module, GeodesicStep):
@@ -348,8 +359,10 @@ class Diagnostics:
 def _metrics(sums: dict[str, float], maxes: dict[str, float]) -> dict[str, float]:
     """Turn the reduced sums/maxima into `diagnostics/...` metrics."""
     out: dict[str, float] = {}
-    layer_keys = sorted((k.split(":")[0] for k in sums if k.startswith("resid/") and k.endswith(":sq")),
-                        key=lambda k: -1 if k == "resid/embed" else int(k.split("/")[1]))
+    layer_keys = sorted(
+        (k.split(":")[0] for k in sums if k.startswith("resid/") and k.endswith(":sq")),
+        key=lambda k: -1 if k == "resid/embed" else int(k.split("/")[1]),
+    )
     prev = None
     for key in layer_keys:
         where = key.split("/")[1]
@@ -388,6 +401,7 @@ def _metrics(sums: dict[str, float], maxes: dict[str, float]) -> dict[str, float
 
 def _summary(step: int, metrics: dict[str, float]) -> str:
     """One console line: the extremes a user scans for."""
+
     def extreme(kind: str, fn) -> str:
         values = [v for k, v in metrics.items() if k.startswith(f"{PREFIX}{kind}/")]
         return f"{fn(values):.4g}" if values else "-"

@@ -50,19 +50,20 @@ def eval_windows(tokens: list[int], bos_id: int, seq_len: int) -> list[tuple[tor
         raise ValueError("the text file holds no tokens")
     windows = []
     for start in range(0, len(tokens), seq_len):
-        chunk = torch.tensor(tokens[start:start + seq_len])
+        chunk = torch.tensor(tokens[start : start + seq_len])
         windows.append((torch.cat([torch.tensor([bos_id]), chunk[:-1]]), chunk))
     return windows
 
 
 @torch.no_grad()
-def cross_entropy(logits_fn: Logits, windows: list[tuple[torch.Tensor, torch.Tensor]],
-                  batch_size: int = 8) -> dict[str, float | int]:
+def cross_entropy(
+    logits_fn: Logits, windows: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int = 8
+) -> dict[str, float | int]:
     """{"loss": mean CE in nats, "tokens": labels scored, "ppl": exp(loss)}; sums in float64."""
     total, count = 0.0, 0
     full = [w for w in windows if len(w[0]) == len(windows[0][0])]
-    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
-    batches += [[w] for w in windows[len(full):]]
+    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
+    batches += [[w] for w in windows[len(full) :]]
     for batch in batches:
         inputs = torch.stack([w[0] for w in batch])
         labels = torch.stack([w[1] for w in batch])
@@ -84,13 +85,14 @@ def window_length(seq_len: int | None, job_config, checkpoint: Path) -> int:
     if seq_len is None:
         return trained
     if seq_len < 1:
-        raise ValueError(f"--seq-len must be >= 1, got {seq_len} (omit it to use training.seq_len = "
-                         f"{trained})")
+        raise ValueError(f"--seq-len must be >= 1, got {seq_len} (omit it to use training.seq_len = {trained})")
     if is_hf_folder(checkpoint):
         limit = json.loads((checkpoint / "config.json").read_text()).get("max_position_embeddings")
         if limit is not None and seq_len > limit:
-            raise ValueError(f"--seq-len {seq_len} is above max_position_embeddings = {limit} of "
-                             f"{checkpoint / 'config.json'}: pass --seq-len <= {limit}")
+            raise ValueError(
+                f"--seq-len {seq_len} is above max_position_embeddings = {limit} of "
+                f"{checkpoint / 'config.json'}: pass --seq-len <= {limit}"
+            )
     elif seq_len > trained:
         raise ValueError(
             f"--seq-len {seq_len} is above training.seq_len = {trained}, the context the model's "
@@ -125,8 +127,14 @@ def run_tokenizer(job_config, folder: Path):
     return build_tokenizer(job_config)
 
 
-def evaluate(config_file: str | Path, checkpoint: str | Path, text_file: str | Path,
-             seq_len: int | None = None, overrides: list[str] = (), batch_size: int = 8) -> dict:
+def evaluate(
+    config_file: str | Path,
+    checkpoint: str | Path,
+    text_file: str | Path,
+    seq_len: int | None = None,
+    overrides: list[str] = (),
+    batch_size: int = 8,
+) -> dict:
     checkpoint, text_file = Path(checkpoint), Path(text_file)
     if not text_file.is_file():
         raise FileNotFoundError(f"--text {text_file}: no such file")
@@ -145,8 +153,9 @@ def evaluate(config_file: str | Path, checkpoint: str | Path, text_file: str | P
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m titan_geonorm.evaluate", allow_abbrev=False,
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m titan_geonorm.evaluate", allow_abbrev=False, description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--config", required=True, help="the run's training TOML")
     parser.add_argument("--checkpoint", required=True, help="DCP step folder or exported HF folder")
     parser.add_argument("--text", required=True, help="UTF-8 text file to score")

@@ -78,8 +78,7 @@ def geodesic_step(
     clamp ratio or atan2's series: without a bias, nothing divides by ||v||, and a zero update
     gives exactly R h/||h|| with finite gradients.
     """
-    h32, v, one_c, ratio, theta, coef_v = _polar(h, u, step, theta_max, center, bias, update_map,
-                                                 theta_base_max)
+    h32, v, one_c, ratio, theta, coef_v = _polar(h, u, step, theta_max, center, bias, update_map, theta_base_max)
     coef_h = torch.cos(theta)
     if radius == "prenorm":
         scale = _radius_ratio(one_c, ratio)
@@ -87,8 +86,18 @@ def geodesic_step(
     return torch.addcmul(coef_h * h32, coef_v, v).to(h.dtype)
 
 
-def step_polar(h, u, step, theta_max=math.pi / 2, center=False, *, bias=0.0, radius="sphere",
-               update_map="exp", theta_base_max=math.inf) -> tuple[torch.Tensor, torch.Tensor]:
+def step_polar(
+    h,
+    u,
+    step,
+    theta_max=math.pi / 2,
+    center=False,
+    *,
+    bias=0.0,
+    radius="sphere",
+    update_map="exp",
+    theta_base_max=math.inf,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`geodesic_step`'s per-row angle theta and radius ratio R/||h|| (shape: rows, 1)."""
     _, _, one_c, ratio, theta, _ = _polar(h, u, step, theta_max, center, bias, update_map, theta_base_max)
     if radius == "prenorm":
@@ -113,8 +122,7 @@ def _polar(h, u, step, theta_max, center, bias, update_map, theta_base_max):
     if update_map == "retraction":
         theta = torch.atan2(ratio, one_c)
         series = (one_c > 0) & (ratio < _SERIES * one_c.abs())
-        base = torch.where(series, 1 / one_c.abs().clamp_min(_MIN_SQ_NORM),
-                           theta / ratio.clamp_min(_MIN_SQ_NORM))
+        base = torch.where(series, 1 / one_c.abs().clamp_min(_MIN_SQ_NORM), theta / ratio.clamp_min(_MIN_SQ_NORM))
         if not math.isinf(theta_base_max):
             clamped = theta > theta_base_max
             theta = torch.where(clamped, theta_base_max, theta)
@@ -215,8 +223,15 @@ class GeodesicStep(nn.Module):
     def _options(self) -> dict:
         a = self.step_init if self.step is None else self.step
         bias = 0.0 if self.bias is None else self.bias * self.decay
-        return dict(step=a * self.decay, theta_max=self.theta_max, center=self.center, bias=bias,
-                    radius=self.radius, update_map=self.update_map, theta_base_max=self.theta_base_max)
+        return dict(
+            step=a * self.decay,
+            theta_max=self.theta_max,
+            center=self.center,
+            bias=bias,
+            radius=self.radius,
+            update_map=self.update_map,
+            theta_base_max=self.theta_base_max,
+        )
 
     def forward(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return geodesic_step(h, u, **self._options())

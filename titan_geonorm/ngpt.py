@@ -82,8 +82,13 @@ class ScaledLinear(nn.Linear):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, s_init: float, s_scale: float,
-        multiplier: float = 1.0, scale_output: bool = True,
+        self,
+        in_features: int,
+        out_features: int,
+        s_init: float,
+        s_scale: float,
+        multiplier: float = 1.0,
+        scale_output: bool = True,
     ):
         super().__init__(in_features, out_features, bias=False)
         self.s_init, self.s_scale, self.multiplier = s_init, s_scale, multiplier

@@ -7,9 +7,7 @@ import torch
 Module = Callable[[torch.Tensor], torch.Tensor]
 
 
-def peri_ln_update(
-    h: torch.Tensor, sublayer: Module, norm_in: Module, norm_out: Module
-) -> torch.Tensor:
+def peri_ln_update(h: torch.Tensor, sublayer: Module, norm_in: Module, norm_out: Module) -> torch.Tensor:
     """One Peri-LN residual update: `h + N_out(F(N_in(h)))`.
 
     The output norm sits on the sublayer output *before* the residual add, so every block adds a

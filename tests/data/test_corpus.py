@@ -68,7 +68,6 @@ def test_extraction_rules(tmp_path):
         [
             "Shared docstring.",
             "Comment in a file that does not parse.",
-            "Alpha module docstring.\n\nA comment block that spans two lines.\n\n"
-            "Class inside an if block.",
+            "Alpha module docstring.\n\nA comment block that spans two lines.\n\nClass inside an if block.",
         ]
     )

@@ -11,20 +11,20 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from torchtitan.components.loss import cross_entropy_loss
+from torchtitan.components.tokenizer import BaseTokenizer
+from torchtitan.config import ConfigManager
 
-from titan_geonorm.data.datasets import validate_data_config
-from titan_geonorm.titan.data import build_dataloader, build_validator
 from titan_geonorm.data.datasets import (
+    TXT_DOCUMENT_CHARS,
     build_documents,
     build_text_dataloader,
     is_held_out,
     read_documents,
     text_files,
-    TXT_DOCUMENT_CHARS,
+    validate_data_config,
 )
-from torchtitan.components.loss import cross_entropy_loss
-from torchtitan.components.tokenizer import BaseTokenizer
-from torchtitan.config import ConfigManager
+from titan_geonorm.titan.data import build_dataloader, build_validator
 
 MARKER = re.compile(r"\b(?:txt|jsn|pq)\d{3}\b")
 
@@ -78,10 +78,14 @@ def text_config(tmp_path, corpus_dir, *args):
     return make_config(
         tmp_path,
         *text_files_args(corpus_dir),
-        "--training.seq_len", "64",
-        "--training.local_batch_size", "2",
-        "--validation.seq_len", "64",
-        "--validation.local_batch_size", "2",
+        "--training.seq_len",
+        "64",
+        "--training.local_batch_size",
+        "2",
+        "--validation.seq_len",
+        "64",
+        "--validation.local_batch_size",
+        "2",
         *args,
     )
 
@@ -152,9 +156,7 @@ def test_held_out_text_never_in_training_windows(tmp_path, corpus_dir):
     train_seen = set()
     for rank in range(2):
         train_seen |= window_markers(build_dataloader(2, rank, tok, cfg, infinite=False), tok)
-    val_seen = window_markers(
-        build_text_dataloader(1, 0, tok, cfg, infinite=False, split="validation"), tok
-    )
+    val_seen = window_markers(build_text_dataloader(1, 0, tok, cfg, infinite=False, split="validation"), tok)
     assert val_markers and val_seen == val_markers
     assert not train_seen & val_markers
     # The training windows do reach every format.
@@ -221,15 +223,18 @@ def test_validator_scores_the_same_held_out_windows_every_time(tmp_path, corpus_
     cfg = text_config(tmp_path, corpus_dir, "--validation.enable", "--validation.steps", "3")
     tok = ByteTokenizer()
     logged = []
-    metrics = SimpleNamespace(
-        ntokens_since_last_log=0, log_validation=lambda loss, step: logged.append((step, loss))
-    )
-    no_parallelism = SimpleNamespace(
-        dp_enabled=False, cp_enabled=False, pp_enabled=False, dp_cp_enabled=False
-    )
+    metrics = SimpleNamespace(ntokens_since_last_log=0, log_validation=lambda loss, step: logged.append((step, loss)))
+    no_parallelism = SimpleNamespace(dp_enabled=False, cp_enabled=False, pp_enabled=False, dp_cp_enabled=False)
     validator = build_validator(
-        cfg, 1, 0, tok, no_parallelism, cross_entropy_loss,
-        contextlib.nullcontext, contextlib.nullcontext(), metrics,
+        cfg,
+        1,
+        0,
+        tok,
+        no_parallelism,
+        cross_entropy_loss,
+        contextlib.nullcontext,
+        contextlib.nullcontext(),
+        metrics,
     )
     torch.manual_seed(0)
     model = BigramModel(tok.get_vocab_size(), tok.get_vocab_size())
@@ -282,19 +287,17 @@ def test_shard_without_documents_is_refused(tmp_path):
     [
         (["--training.dataset", "c5"], "training.dataset = 'c5' is not a known dataset"),
         (["--training.dataset", "text_files"], "needs training.dataset_path"),
-        (["--training.dataset", "text_files", "--training.dataset_path", "/no/such/dir"],
-         "training.dataset_path = '/no/such/dir' does not exist"),
+        (
+            ["--training.dataset", "text_files", "--training.dataset_path", "/no/such/dir"],
+            "training.dataset_path = '/no/such/dir' does not exist",
+        ),
         (["--training.dataset_path", "/tmp"], "training.dataset_path = '/tmp' is not used"),
         (["--validation.enable", "--validation.dataset", "wiki"], "validation.dataset = 'wiki'"),
-        (["--validation.enable", "--validation.dataset", "text_files"],
-         "needs validation.dataset_path"),
+        (["--validation.enable", "--validation.dataset", "text_files"], "needs validation.dataset_path"),
         (["--validation.val_fraction", "1.0"], "validation.val_fraction must be in"),
-        (["--validation.enable", "--validation.val_fraction", "0"],
-         "needs validation.val_fraction > 0"),
-        (["--training.tokenizer_vocab_size", "100"],
-         "training.tokenizer_vocab_size must be >= 259"),
-        (["--training.tokenizer_train_chars", "0"],
-         "training.tokenizer_train_chars must be positive"),
+        (["--validation.enable", "--validation.val_fraction", "0"], "needs validation.val_fraction > 0"),
+        (["--training.tokenizer_vocab_size", "100"], "training.tokenizer_vocab_size must be >= 259"),
+        (["--training.tokenizer_train_chars", "0"], "training.tokenizer_train_chars must be positive"),
     ],
 )
 def test_bad_data_config_is_refused_naming_the_key(tmp_path, args, message):

@@ -35,18 +35,23 @@ def test_non_utf8_is_refused_unless_training_encoding_says_so(tmp_path):
     assert message.startswith(f"{path}:3: byte 0xe9 at column 7 is not valid utf-8")
     assert "training.encoding" in message
 
-    cfg = make_config(tmp_path, *text_files_args(path), "--training.encoding", "latin-1",
-                      "--validation.val_fraction", "0")
+    cfg = make_config(
+        tmp_path, *text_files_args(path), "--training.encoding", "latin-1", "--validation.val_fraction", "0"
+    )
     validate_data_config(cfg)
     assert "un café crème" in next(iter(build_documents(cfg, "train")))
 
 
-@pytest.mark.parametrize("line,message", [
-    ('{"text": "a" "b"}\n', "invalid JSON (Expecting ',' delimiter, column 14)"),
-    ('{"body": "no text field"}\n', "expected a JSON object with a string field 'text'"),
-    ('["a list"]\n', "expected a JSON object with a string field 'text'"),
-    ('{"text": 3}\n', "expected a JSON object with a string field 'text'"),
-], ids=["syntax", "no-field", "not-object", "not-string"])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"text": "a" "b"}\n', "invalid JSON (Expecting ',' delimiter, column 14)"),
+        ('{"body": "no text field"}\n', "expected a JSON object with a string field 'text'"),
+        ('["a list"]\n', "expected a JSON object with a string field 'text'"),
+        ('{"text": 3}\n', "expected a JSON object with a string field 'text'"),
+    ],
+    ids=["syntax", "no-field", "not-object", "not-string"],
+)
 def test_bad_json_line_is_refused_before_training_and_by_the_reader(tmp_path, line, message):
     path = tmp_path / "docs.jsonl"
     good = "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(3))
@@ -67,10 +72,13 @@ def test_reader_names_the_line_the_scan_did_not_reach(tmp_path):
         list(read_documents(tmp_path / "nul.txt"))
 
 
-@pytest.mark.parametrize("encoding,message", [
-    ("utf-9", "training.encoding = 'utf-9' is not a known text encoding"),
-    ("utf-16", "training.encoding = 'utf-16' is not supported"),
-])
+@pytest.mark.parametrize(
+    "encoding,message",
+    [
+        ("utf-9", "training.encoding = 'utf-9' is not a known text encoding"),
+        ("utf-16", "training.encoding = 'utf-16' is not supported"),
+    ],
+)
 def test_bad_encoding_key_is_refused(tmp_path, encoding, message):
     path = tmp_path / "a.txt"
     path.write_text(good_lines(3))
@@ -90,11 +98,13 @@ def test_scan_cost_is_bounded_and_samples_reach_the_end(tmp_path, monkeypatch):
     # A bad last line is in the last sample, counted from the sample's start (named by its byte).
     tail = tmp_path / "tail.txt"
     tail.write_bytes(body + b"\0\n")
-    with pytest.raises(ValueError, match=r"tail.txt: line (\d+) of the part starting at byte (\d+): "
-                                         "NUL byte at column 1") as info:
+    with pytest.raises(
+        ValueError,
+        match=r"tail.txt: line (\d+) of the part starting at byte (\d+): "
+        "NUL byte at column 1",
+    ) as info:
         scan.scan_files([tail], "utf-8")
-    line, first = map(int, re.search(r"line (\d+) of the part starting at byte (\d+)",
-                                     str(info.value)).groups())
+    line, first = map(int, re.search(r"line (\d+) of the part starting at byte (\d+)", str(info.value)).groups())
     assert tail.read_bytes()[first:].split(b"\n")[line - 1] == b"\0"
 
     # Past the total budget a file is only checked in its head; the reader still catches the rest.

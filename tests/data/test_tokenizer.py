@@ -6,13 +6,12 @@ import time
 from pathlib import Path
 
 import pytest
+from torchtitan.config import ConfigManager
 
 import titan_geonorm.data.tokenizer as tokenizer_module
-from titan_geonorm.data.tokenizer import build_tokenizer
-from titan_geonorm.data.corpus import embedded_corpus_path
-from titan_geonorm.data.tokenizer import BOS_TOKEN, EOS_TOKEN
 from tests.distributed import run_distributed_test
-from torchtitan.config import ConfigManager
+from titan_geonorm.data.corpus import embedded_corpus_path
+from titan_geonorm.data.tokenizer import BOS_TOKEN, EOS_TOKEN, build_tokenizer
 
 TEXTS = [
     "Return the number of items in a sequence.",
@@ -28,9 +27,12 @@ def make_config(dump_folder, cache_dir, *args: str):
     return ConfigManager().parse_args(
         [
             *plugin,
-            "--job.dump_folder", str(dump_folder),
-            "--training.data_cache_dir", str(cache_dir),
-            "--model.hf_assets_path", str(Path(dump_folder) / "no_assets"),
+            "--job.dump_folder",
+            str(dump_folder),
+            "--training.data_cache_dir",
+            str(cache_dir),
+            "--model.hf_assets_path",
+            str(Path(dump_folder) / "no_assets"),
             *args,
         ]
     )
@@ -103,10 +105,14 @@ def test_text_too_small_for_vocab_is_refused(tmp_path, cache_dir):
     data = tmp_path / "tiny.txt"
     data.write_text("a tiny corpus with very few distinct words words words")
     cfg = make_config(
-        tmp_path, cache_dir,
-        "--training.dataset", "text_files",
-        "--training.dataset_path", str(data),
-        "--training.tokenizer_vocab_size", "4000",
+        tmp_path,
+        cache_dir,
+        "--training.dataset",
+        "text_files",
+        "--training.dataset_path",
+        str(data),
+        "--training.tokenizer_vocab_size",
+        "4000",
     )
     with pytest.raises(ValueError, match="lower training.tokenizer_vocab_size"):
         build_tokenizer(cfg)
@@ -117,6 +123,7 @@ def _rank0_trains_and_shares(root: str, cache_dir: str) -> None:
 
     rank = dist.get_rank()
     if rank != 0:
+
         def refuse(*args, **kwargs):
             raise AssertionError(f"rank {rank} trained a tokenizer")
 

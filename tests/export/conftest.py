@@ -37,9 +37,18 @@ def make_variant():
 
     def build(block: str, norm_type: str = "rmsnorm", **extra):
         torch.manual_seed(0)
-        args = VariantModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
-                                rope_theta=500000, max_seq_len=32, block=block,
-                                norm_type=norm_type, **extra)
+        args = VariantModelArgs(
+            dim=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            vocab_size=VOCAB,
+            rope_theta=500000,
+            max_seq_len=32,
+            block=block,
+            norm_type=norm_type,
+            **extra,
+        )
         model = VariantTransformer(args)
         with torch.no_grad():
             model.init_weights()
@@ -71,14 +80,23 @@ def seed(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained(seed, tmp_path_factory) -> Path:
     """4 AdamW steps from the seed on 1 rank; checkpoint at step 4."""
-    return _run_from(seed, tmp_path_factory.mktemp("trained"), "--training.steps", "4",
-                     "--checkpoint.interval", "4")
+    return _run_from(seed, tmp_path_factory.mktemp("trained"), "--training.steps", "4", "--checkpoint.interval", "4")
 
 
 @pytest.fixture(scope="session")
 def fsdp_seed_weights(seed, tmp_path_factory) -> Path:
     """One step at lr 0 under FSDP on 2 ranks: `checkpoint/step-1` holds the seed's weights,
     sharded across 2 ranks."""
-    return _run_from(seed, tmp_path_factory.mktemp("fsdp"), "--training.steps", "1",
-                     "--checkpoint.interval", "1", "--optimizer.lr", "0",
-                     "--parallelism.data_parallel_shard_degree", "2", nproc=2)
+    return _run_from(
+        seed,
+        tmp_path_factory.mktemp("fsdp"),
+        "--training.steps",
+        "1",
+        "--checkpoint.interval",
+        "1",
+        "--optimizer.lr",
+        "0",
+        "--parallelism.data_parallel_shard_degree",
+        "2",
+        nproc=2,
+    )

@@ -40,7 +40,7 @@ def transformers_loss(folder, text: str, seq_len: int) -> tuple[float, int]:
     ids = tokenizer.encode(text, add_special_tokens=False)
     total = 0.0
     for start in range(0, len(ids), seq_len):
-        chunk = ids[start:start + seq_len]
+        chunk = ids[start : start + seq_len]
         labels, inputs = torch.tensor(chunk), torch.tensor([tokenizer.bos_token_id] + chunk[:-1])
         with torch.no_grad():
             logits = model(inputs[None]).logits[0]
@@ -52,9 +52,22 @@ def test_dcp_hf_and_transformers_agree(trained, text_file, tmp_path):
     checkpoint = trained / "checkpoint" / "step-4"
     export_checkpoint(TINY_CONFIG, checkpoint, tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-m", "titan_geonorm.evaluate", "--config", str(TINY_CONFIG),
-         "--checkpoint", str(checkpoint), "--text", str(text_file)],
-        cwd=REPO, env=env(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "titan_geonorm.evaluate",
+            "--config",
+            str(TINY_CONFIG),
+            "--checkpoint",
+            str(checkpoint),
+            "--text",
+            str(text_file),
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     from_dcp = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -82,12 +95,15 @@ def test_refuses_missing_text_file(trained, tmp_path):
         evaluate(TINY_CONFIG, trained / "checkpoint" / "step-4", tmp_path / "missing.txt")
 
 
-@pytest.mark.parametrize("seq_len,message", [
-    (0, r"--seq-len must be >= 1, got 0 \(omit it to use training.seq_len = 64\)"),
-    (65, r"--seq-len 65 is above training.seq_len = 64.*--seq-len <= 64"),
-], ids=["zero", "above-training"])
-def test_refuses_seq_len_outside_the_context_before_loading(trained, text_file, monkeypatch,
-                                                             seq_len, message):
+@pytest.mark.parametrize(
+    "seq_len,message",
+    [
+        (0, r"--seq-len must be >= 1, got 0 \(omit it to use training.seq_len = 64\)"),
+        (65, r"--seq-len 65 is above training.seq_len = 64.*--seq-len <= 64"),
+    ],
+    ids=["zero", "above-training"],
+)
+def test_refuses_seq_len_outside_the_context_before_loading(trained, text_file, monkeypatch, seq_len, message):
     def no_model(*args):
         raise AssertionError("the model was loaded before --seq-len was checked")
 
@@ -98,8 +114,7 @@ def test_refuses_seq_len_outside_the_context_before_loading(trained, text_file, 
 
 def test_longer_table_by_training_seq_len_and_hf_limit(trained, text_file, tmp_path):
     checkpoint = trained / "checkpoint" / "step-4"
-    longer = evaluate(TINY_CONFIG, checkpoint, text_file, seq_len=96,
-                      overrides=["--training.seq_len", "96"])
+    longer = evaluate(TINY_CONFIG, checkpoint, text_file, seq_len=96, overrides=["--training.seq_len", "96"])
     assert longer["tokens"] > 0 and math.isfinite(longer["loss"])
     export_checkpoint(TINY_CONFIG, checkpoint, tmp_path)
     limit = json.loads((tmp_path / "config.json").read_text())["max_position_embeddings"]

@@ -23,9 +23,16 @@ from titan_geonorm.export.mapping import block_of
 from titan_geonorm.models.config import GeoNormConfig
 
 # The third-party reading of arXiv 2601.22095, spelled out so the case does not follow the defaults.
-THIRD_PARTY = GeoNormConfig(radius="prenorm", update_map="exp", attn_decay="harmonic", ffn_decay="harmonic",
-                            decay_index="block", learnable_bias=True, theta_base_max=math.pi / 4,
-                            theta_max=math.pi / 4)
+THIRD_PARTY = GeoNormConfig(
+    radius="prenorm",
+    update_map="exp",
+    attn_decay="harmonic",
+    ffn_decay="harmonic",
+    decay_index="block",
+    learnable_bias=True,
+    theta_base_max=math.pi / 4,
+    theta_max=math.pi / 4,
+)
 
 # (block, norm_type, extra args, expected HF class)
 VARIANTS = [
@@ -36,25 +43,66 @@ VARIANTS = [
     ("peri", "rmsnorm", {}, "Glm4ForCausalLM"),
     ("peri", "rmsnorm", {"embedding_norm": True}, "TitanGeoNormForCausalLM"),
     ("peri", "layernorm", {"norm_bias": True}, "TitanGeoNormForCausalLM"),
-    ("geonorm", "rmsnorm", {"geonorm": GeoNormConfig(radius="sphere", attn_decay="sqrt", ffn_decay="linear")},
-     "TitanGeoNormForCausalLM"),
-    ("geonorm", "layernorm", {"norm_bias": True,
-                              "geonorm": GeoNormConfig(radius="sphere", learnable_step=False, step_init=0.7,
-                                                       decay_index="block", ffn_decay="harmonic")},
-     "TitanGeoNormForCausalLM"),
-    pytest.param("geonorm", "rmsnorm",
-                 {"geonorm": GeoNormConfig(radius="prenorm", update_map="exp", attn_decay="sqrt",
-                                           ffn_decay="sqrt", decay_index="sublayer", learnable_bias=False,
-                                           theta_base_max=math.inf, theta_max=math.pi / 2)},
-                 "TitanGeoNormForCausalLM", id="geonorm-rmsnorm-prenorm-exp-sqrt"),
-    pytest.param("geonorm", "rmsnorm", {"geonorm": THIRD_PARTY}, "TitanGeoNormForCausalLM",
-                 id="geonorm-rmsnorm-prenorm-third-party"),
-    pytest.param("geonorm", "layernorm",
-                 {"norm_bias": True, "geonorm": GeoNormConfig(radius="prenorm", update_map="retraction",
-                                                              attn_decay="linear", ffn_decay="none",
-                                                              learnable_bias=True, theta_base_max=1.0,
-                                                              theta_max=math.pi / 3)},
-                 "TitanGeoNormForCausalLM", id="geonorm-layernorm-prenorm-retraction"),
+    (
+        "geonorm",
+        "rmsnorm",
+        {"geonorm": GeoNormConfig(radius="sphere", attn_decay="sqrt", ffn_decay="linear")},
+        "TitanGeoNormForCausalLM",
+    ),
+    (
+        "geonorm",
+        "layernorm",
+        {
+            "norm_bias": True,
+            "geonorm": GeoNormConfig(
+                radius="sphere", learnable_step=False, step_init=0.7, decay_index="block", ffn_decay="harmonic"
+            ),
+        },
+        "TitanGeoNormForCausalLM",
+    ),
+    pytest.param(
+        "geonorm",
+        "rmsnorm",
+        {
+            "geonorm": GeoNormConfig(
+                radius="prenorm",
+                update_map="exp",
+                attn_decay="sqrt",
+                ffn_decay="sqrt",
+                decay_index="sublayer",
+                learnable_bias=False,
+                theta_base_max=math.inf,
+                theta_max=math.pi / 2,
+            )
+        },
+        "TitanGeoNormForCausalLM",
+        id="geonorm-rmsnorm-prenorm-exp-sqrt",
+    ),
+    pytest.param(
+        "geonorm",
+        "rmsnorm",
+        {"geonorm": THIRD_PARTY},
+        "TitanGeoNormForCausalLM",
+        id="geonorm-rmsnorm-prenorm-third-party",
+    ),
+    pytest.param(
+        "geonorm",
+        "layernorm",
+        {
+            "norm_bias": True,
+            "geonorm": GeoNormConfig(
+                radius="prenorm",
+                update_map="retraction",
+                attn_decay="linear",
+                ffn_decay="none",
+                learnable_bias=True,
+                theta_base_max=1.0,
+                theta_max=math.pi / 3,
+            ),
+        },
+        "TitanGeoNormForCausalLM",
+        id="geonorm-layernorm-prenorm-retraction",
+    ),
     ("ngpt", "rmsnorm", {}, "TitanGeoNormForCausalLM"),
 ]
 
@@ -75,10 +123,12 @@ def assert_greedy(model, generated: torch.Tensor, n_prompt: int, tol: float = 1e
         assert gap <= tol, f"token {t}: generate chose a token {gap:.3g} below the argmax"
 
 
-@pytest.mark.parametrize("block,norm_type,extra,hf_class", VARIANTS,
-                         ids=[f"{b}-{n}-{'-'.join(e) or 'plain'}" for b, n, e, _ in (getattr(v, "values", v) for v in VARIANTS)])
-def test_variant_logits_and_generate_match(make_variant, tokenizer_dir, tmp_path,
-                                           block, norm_type, extra, hf_class):
+@pytest.mark.parametrize(
+    "block,norm_type,extra,hf_class",
+    VARIANTS,
+    ids=[f"{b}-{n}-{'-'.join(e) or 'plain'}" for b, n, e, _ in (getattr(v, "values", v) for v in VARIANTS)],
+)
+def test_variant_logits_and_generate_match(make_variant, tokenizer_dir, tmp_path, block, norm_type, extra, hf_class):
     model, args = make_variant(block, norm_type, **extra)
     export_state_dict(model.state_dict(), args, tmp_path, tokenizer_dir)
     hf = load_hf(tmp_path)
@@ -93,22 +143,32 @@ def test_variant_logits_and_generate_match(make_variant, tokenizer_dir, tmp_path
     assert diff <= 1e-4, f"max |dlogit| = {diff:.3g}"
 
     prompt = tokens[:1, :4]
-    generated = hf.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None,
-                            pad_token_id=0)
+    generated = hf.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert_greedy(model, generated, prompt.shape[1])
 
 
-@pytest.mark.parametrize("geonorm, base_max", [(THIRD_PARTY, math.pi / 4),
-                                               (GeoNormConfig(radius="sphere", theta_base_max=math.inf), None)],
-                         ids=["third-party", "sphere-unclamped"])
+@pytest.mark.parametrize(
+    "geonorm, base_max",
+    [(THIRD_PARTY, math.pi / 4), (GeoNormConfig(radius="sphere", theta_base_max=math.inf), None)],
+    ids=["third-party", "sphere-unclamped"],
+)
 def test_config_json_carries_every_geonorm_key(make_variant, tokenizer_dir, tmp_path, geonorm, base_max):
     """Each `[geonorm]` key as `geonorm_<key>` (inf as null), and the modeling file builds what
     they say: real norms and no sphere projection for the Pre-Norm radius, gains on the sphere."""
     model, args = make_variant("geonorm", geonorm=geonorm)
     export_state_dict(model.state_dict(), args, tmp_path, tokenizer_dir)
     config = json.loads((tmp_path / "config.json").read_text())
-    for key in ("radius", "update_map", "attn_decay", "ffn_decay", "decay_index", "learnable_bias",
-                "learnable_step", "step_init", "theta_max"):
+    for key in (
+        "radius",
+        "update_map",
+        "attn_decay",
+        "ffn_decay",
+        "decay_index",
+        "learnable_bias",
+        "learnable_step",
+        "step_init",
+        "theta_max",
+    ):
         assert config[f"geonorm_{key}"] == getattr(geonorm, key), key
     assert config["geonorm_theta_base_max"] == base_max
     assert config["geonorm_step_decays"] == [list(args.step_decays(i)) for i in range(args.n_layers)]
@@ -133,7 +193,7 @@ def test_kv_cache_steps_equal_full_forward(make_variant, tokenizer_dir, tmp_path
         out = hf(tokens[:, :8], use_cache=True)
         steps = [out.logits[:, -1]]
         for i in range(8, 12):
-            out = hf(tokens[:, i:i + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = hf(tokens[:, i : i + 1], past_key_values=out.past_key_values, use_cache=True)
             steps.append(out.logits[:, -1])
     assert out.past_key_values.get_seq_length() == 12
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 7:], atol=1e-5, rtol=0)
@@ -147,8 +207,15 @@ def test_generate_decodes_from_its_cache(make_variant, tokenizer_dir, tmp_path, 
     export_state_dict(model.state_dict(), args, tmp_path, tokenizer_dir)
     hf = load_hf(tmp_path)
     prompt = torch.randint(2, args.vocab_size, (1, 4), generator=torch.Generator().manual_seed(5))
-    out = hf.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0,
-                      output_logits=True, return_dict_in_generate=True)
+    out = hf.generate(
+        prompt,
+        max_new_tokens=8,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     with torch.no_grad():
         full = hf(out.sequences[:, :-1], use_cache=False).logits
     torch.testing.assert_close(torch.cat(out.logits), full[0, 3:], atol=1e-5, rtol=0)
@@ -156,8 +223,7 @@ def test_generate_decodes_from_its_cache(make_variant, tokenizer_dir, tmp_path, 
 
 def test_bfloat16_sharded_export(make_variant, tokenizer_dir, tmp_path):
     model, args = make_variant("geonorm")
-    export_state_dict(model.state_dict(), args, tmp_path, tokenizer_dir, dtype="bfloat16",
-                      max_shard_size="100KB")
+    export_state_dict(model.state_dict(), args, tmp_path, tokenizer_dir, dtype="bfloat16", max_shard_size="100KB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((tmp_path / s).is_file() for s in shards)
@@ -198,15 +264,20 @@ def test_refuses_unknown_variant_and_dtype(make_variant, tokenizer_dir, tmp_path
 
 
 def export_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "titan_geonorm.export", *args], cwd=REPO,
-                          env=env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "titan_geonorm.export", *args],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_trained_run_exports_with_matching_logits(trained, tmp_path):
     """CLI export of a checkpoint trained under torchrun reproduces the training model."""
     checkpoint = trained / "checkpoint" / "step-4"
-    proc = export_cli("--config", str(TINY_CONFIG), "--checkpoint", str(checkpoint),
-                      "--output", str(tmp_path))
+    proc = export_cli("--config", str(TINY_CONFIG), "--checkpoint", str(checkpoint), "--output", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = dcp_model(load_job_config(TINY_CONFIG), checkpoint)
     hf = load_hf(tmp_path)
@@ -236,8 +307,16 @@ def test_fsdp_checkpoint_exports_like_single_rank(seed, fsdp_seed_weights, tmp_p
 
 def test_cli_refuses_checkpoint_config_mismatch(seed, tmp_path):
     checkpoint = seed / "checkpoint" / "step-0"
-    proc = export_cli("--config", str(TINY_CONFIG), "--checkpoint", str(checkpoint),
-                      "--output", str(tmp_path / "a"), "--model.flavor", "tiny12")
+    proc = export_cli(
+        "--config",
+        str(TINY_CONFIG),
+        "--checkpoint",
+        str(checkpoint),
+        "--output",
+        str(tmp_path / "a"),
+        "--model.flavor",
+        "tiny12",
+    )
     assert proc.returncode == 2
     assert "model.flavor = 'tiny12', but the checkpoint" in proc.stderr and "model.flavor = 'tiny'" in proc.stderr
     # A checkpoint without a run record (imported, model-only) is still checked by its shapes.
@@ -249,15 +328,20 @@ def test_cli_refuses_checkpoint_config_mismatch(seed, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("block,extra,hf_class", [
-    ("pre", {}, "LlamaForCausalLM"),
-    ("peri", {}, "Glm4ForCausalLM"),
-    ("peri", {"embedding_norm": True}, "TitanGeoNormForCausalLM"),
-    ("geonorm", {"geonorm": GeoNormConfig(theta_base_max=math.inf)}, "TitanGeoNormForCausalLM"),
-], ids=["llama", "glm4", "custom", "custom-geonorm"])
+@pytest.mark.parametrize(
+    "block,extra,hf_class",
+    [
+        ("pre", {}, "LlamaForCausalLM"),
+        ("peri", {}, "Glm4ForCausalLM"),
+        ("peri", {"embedding_norm": True}, "TitanGeoNormForCausalLM"),
+        ("geonorm", {"geonorm": GeoNormConfig(theta_base_max=math.inf)}, "TitanGeoNormForCausalLM"),
+    ],
+    ids=["llama", "glm4", "custom", "custom-geonorm"],
+)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_config_json_is_what_save_pretrained_writes(make_variant, tokenizer_dir, tmp_path,
-                                                    block, extra, hf_class, dtype):
+def test_config_json_is_what_save_pretrained_writes(
+    make_variant, tokenizer_dir, tmp_path, block, extra, hf_class, dtype
+):
     """Serving engines pick the class from `architectures`; nothing transformers would write (nor
     any value of it) may be missing from the exported config.json."""
     model, args = make_variant(block, **extra)

@@ -26,8 +26,7 @@ TASKS = ("titan_heldout_cloze", "titan_heldout_ppl")
 def make_tasks(argv: list[str]) -> None:
     """`scripts/make_lm_eval_task.py ARGV` in this process (a new one would spend ~20 s importing
     torchtitan again)."""
-    spec = importlib.util.spec_from_file_location("make_lm_eval_task",
-                                                  REPO / "scripts" / "make_lm_eval_task.py")
+    spec = importlib.util.spec_from_file_location("make_lm_eval_task", REPO / "scripts" / "make_lm_eval_task.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main(argv)
@@ -41,7 +40,7 @@ def loglikelihood(model, context: list[int], continuation: list[int]) -> float:
     tokens = torch.tensor(context + continuation)
     with torch.no_grad():
         logprobs = model(tokens[None, :-1]).logits[0].log_softmax(-1)
-    picked = logprobs[len(context) - 1:].gather(1, tokens[len(context):, None])
+    picked = logprobs[len(context) - 1 :].gather(1, tokens[len(context) :, None])
     return picked.sum().item()
 
 
@@ -49,19 +48,36 @@ def test_lm_eval_scores_an_export_on_the_local_heldout_tasks(trained, tmp_path, 
     hf = tmp_path / "hf"
     export_checkpoint(TINY_CONFIG, trained / "checkpoint" / "step-4", hf)
     tasks = tmp_path / "tasks"
-    make_tasks(["--config", str(TINY_CONFIG), "--output", str(tasks), "--docs", "12",
-                "--ppl-words", "60"])
+    make_tasks(["--config", str(TINY_CONFIG), "--output", str(tasks), "--docs", "12", "--ppl-words", "60"])
     counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["records"]
     assert counts == {TASKS[0]: 12, TASKS[1]: 12}
 
-    offline = env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
-                  HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"))
+    offline = env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"))
     run = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "hf",
-         "--model_args", f"pretrained={hf},trust_remote_code=True,dtype=float32",
-         "--tasks", ",".join(TASKS), "--include_path", str(tasks), "--device", "cpu",
-         "--batch_size", "8", "--output_path", str(tmp_path / "results")],
-        cwd=tmp_path, env=offline, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={hf},trust_remote_code=True,dtype=float32",
+            "--tasks",
+            ",".join(TASKS),
+            "--include_path",
+            str(tasks),
+            "--device",
+            "cpu",
+            "--batch_size",
+            "8",
+            "--output_path",
+            str(tmp_path / "results"),
+        ],
+        cwd=tmp_path,
+        env=offline,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     [results_file] = (tmp_path / "results").rglob("results_*.json")
@@ -76,8 +92,7 @@ def test_lm_eval_scores_an_export_on_the_local_heldout_tasks(trained, tmp_path, 
     nats, n_bytes = 0.0, 0
     for record in read_jsonl(tasks / f"{TASKS[1]}.jsonl"):
         ids = tokenizer.encode(record["text"], add_special_tokens=False)
-        scored = cross_entropy(lambda t: model(t).logits, eval_windows(ids, tokenizer.bos_token_id,
-                                                                        len(ids)))
+        scored = cross_entropy(lambda t: model(t).logits, eval_windows(ids, tokenizer.bos_token_id, len(ids)))
         nats += scored["loss"] * scored["tokens"]
         n_bytes += len(record["text"].encode("utf-8"))
     reported = results["results"][TASKS[1]]["bits_per_byte,none"]
@@ -90,6 +105,6 @@ def test_lm_eval_scores_an_export_on_the_local_heldout_tasks(trained, tmp_path, 
         scores = []
         for choice in record["choices"]:
             whole = tokenizer.encode(f"{record['context']} {choice}", add_special_tokens=False)
-            scores.append(loglikelihood(model, context, whole[len(context):]))
+            scores.append(loglikelihood(model, context, whole[len(context) :]))
         correct += max(range(len(scores)), key=scores.__getitem__) == record["gold"]
     assert results["results"][TASKS[0]]["acc,none"] == pytest.approx(correct / 12)

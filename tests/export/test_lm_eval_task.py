@@ -9,8 +9,9 @@ from tests.launch import REPO
 
 
 def make(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "scripts/make_lm_eval_task.py", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "scripts/make_lm_eval_task.py", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cloze_gold_is_the_true_continuation_and_output_is_deterministic(tmp_path):

@@ -51,8 +51,9 @@ def test_reexport_sharded_into_single_file_folder(seed, trained, tmp_path):
     model = dcp_model(load_job_config(TINY_CONFIG), step4)
     loaded = AutoModelForCausalLM.from_pretrained(str(out)).model.embed_tokens.weight
     assert loaded.equal(model.tok_embeddings.weight)
-    assert not loaded.equal(dcp_model(load_job_config(TINY_CONFIG), seed / "checkpoint" / "step-0")
-                            .tok_embeddings.weight)
+    assert not loaded.equal(
+        dcp_model(load_job_config(TINY_CONFIG), seed / "checkpoint" / "step-0").tok_embeddings.weight
+    )
 
 
 def test_cli_refuses_non_empty_output_before_reading(seed, tmp_path):
@@ -60,9 +61,22 @@ def test_cli_refuses_non_empty_output_before_reading(seed, tmp_path):
     out.mkdir()
     (out / "config.json").write_text('{"mine": true}\n')
     proc = subprocess.run(
-        [sys.executable, "-m", "titan_geonorm.export", "--config", str(TINY_CONFIG),
-         "--checkpoint", str(tmp_path / "no-such-checkpoint"), "--output", str(out)],
-        cwd=REPO, env=env(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "titan_geonorm.export",
+            "--config",
+            str(TINY_CONFIG),
+            "--checkpoint",
+            str(tmp_path / "no-such-checkpoint"),
+            "--output",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     # Refused on the output before the (missing) checkpoint is even looked at.
     assert proc.returncode == 2
@@ -80,10 +94,8 @@ def test_output_holding_the_input_is_refused(seed, tmp_path):
         export_checkpoint(TINY_CONFIG, checkpoint, tmp_path / "file")
 
 
-@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()],
-                         ids=["error", "ctrl-c"])
-def test_interrupted_export_leaves_no_half_folder(make_variant, tokenizer_dir, tmp_path,
-                                                  monkeypatch, error):
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_interrupted_export_leaves_no_half_folder(make_variant, tokenizer_dir, tmp_path, monkeypatch, error):
     model, args = make_variant("geonorm")
     real_save = hf_module.save_file
     written = []
@@ -105,8 +117,7 @@ def test_interrupted_export_leaves_no_half_folder(make_variant, tokenizer_dir, t
     (old / "keep.txt").write_text("kept")
     written.clear()
     with pytest.raises(type(error)):
-        export_state_dict(model.state_dict(), args, old, tokenizer_dir, max_shard_size="100KB",
-                          overwrite=True)
+        export_state_dict(model.state_dict(), args, old, tokenizer_dir, max_shard_size="100KB", overwrite=True)
     assert snapshot(old) == {"keep.txt": b"kept"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"], "temporary folders left behind"
 

@@ -24,13 +24,23 @@ def same_files(a: Path, b: Path) -> None:
 
 
 # The third-party reading of arXiv 2601.22095 (Pre-Norm radius), spelled out.
-THIRD_PARTY = GeoNormConfig(radius="prenorm", update_map="exp", attn_decay="harmonic", ffn_decay="harmonic",
-                            decay_index="block", learnable_bias=True, theta_base_max=math.pi / 4,
-                            theta_max=math.pi / 4)
+THIRD_PARTY = GeoNormConfig(
+    radius="prenorm",
+    update_map="exp",
+    attn_decay="harmonic",
+    ffn_decay="harmonic",
+    decay_index="block",
+    learnable_bias=True,
+    theta_base_max=math.pi / 4,
+    theta_max=math.pi / 4,
+)
 
 
-@pytest.mark.parametrize("block, extra", [("pre", {}), ("peri", {}), ("geonorm", {"geonorm": THIRD_PARTY})],
-                         ids=["llama", "glm4", "custom-geonorm-prenorm"])
+@pytest.mark.parametrize(
+    "block, extra",
+    [("pre", {}), ("peri", {}), ("geonorm", {"geonorm": THIRD_PARTY})],
+    ids=["llama", "glm4", "custom-geonorm-prenorm"],
+)
 def test_round_trip_bit_identical(make_variant, tokenizer_dir, tmp_path, block, extra):
     model, args = make_variant(block, **extra)
     export_state_dict(model.state_dict(), args, tmp_path / "hf", tokenizer_dir)
@@ -54,8 +64,9 @@ def test_import_refuses_other_variant_and_shapes(make_variant, tokenizer_dir, tm
         import_state_dict(tmp_path, VariantTransformer, wider)
 
 
-@pytest.mark.parametrize("key, value", [("radius", "sphere"), ("update_map", "retraction"),
-                                        ("theta_base_max", math.inf)])
+@pytest.mark.parametrize(
+    "key, value", [("radius", "sphere"), ("update_map", "retraction"), ("theta_base_max", math.inf)]
+)
 def test_import_refuses_other_geonorm_mode(make_variant, tokenizer_dir, tmp_path, key, value):
     """Same weight names and shapes, another [geonorm] mode: a different model."""
     model, args = make_variant("geonorm", geonorm=THIRD_PARTY)
@@ -69,13 +80,28 @@ def test_cli_round_trip_of_trained_run(trained, tmp_path):
     """Export, `--to-dcp`, export again: same bytes; the DCP holds the model weights only."""
     export_checkpoint(TINY_CONFIG, trained / "checkpoint" / "step-4", tmp_path / "hf")
     proc = subprocess.run(
-        [sys.executable, "-m", "titan_geonorm.export", "--to-dcp", "--config", str(TINY_CONFIG),
-         "--checkpoint", str(tmp_path / "hf"), "--output", str(tmp_path / "dcp")],
-        cwd=REPO, env=env(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "titan_geonorm.export",
+            "--to-dcp",
+            "--config",
+            str(TINY_CONFIG),
+            "--checkpoint",
+            str(tmp_path / "hf"),
+            "--output",
+            str(tmp_path / "dcp"),
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     trained_keys = set(checkpoint_tensors(trained / "checkpoint" / "step-4"))
     assert set(checkpoint_tensors(tmp_path / "dcp")) == trained_keys
-    export_checkpoint(TINY_CONFIG, tmp_path / "dcp", tmp_path / "again",
-                      overrides=["--model.hf_assets_path", str(tmp_path / "hf")])
+    export_checkpoint(
+        TINY_CONFIG, tmp_path / "dcp", tmp_path / "again", overrides=["--model.hf_assets_path", str(tmp_path / "hf")]
+    )
     same_files(tmp_path / "hf", tmp_path / "again")

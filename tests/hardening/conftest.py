@@ -26,18 +26,27 @@ def seeded_args(seed: Path, dump: Path) -> list[str]:
     """Copy the seed checkpoint into `dump`; the args that train from it with 5-step checkpoints."""
     (dump / "checkpoint").mkdir(parents=True, exist_ok=True)
     shutil.copytree(seed / "checkpoint" / "step-0", dump / "checkpoint" / "step-0")
-    return ["--model.hf_assets_path", str(seed / "tokenizer"), "--checkpoint.enable",
-            "--checkpoint.interval", "5"]
+    return ["--model.hf_assets_path", str(seed / "tokenizer"), "--checkpoint.enable", "--checkpoint.interval", "5"]
 
 
-def launch(dump: Path, *overrides: str, nproc: int = 2, max_restarts: int = 0,
-           faults: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def launch(
+    dump: Path, *overrides: str, nproc: int = 2, max_restarts: int = 0, faults: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """torchrun the trainer with `tests.hardening.faults` loaded; returns without checking rc."""
-    cmd = torchrun_cmd(nproc) + ["--max-restarts", str(max_restarts), "-m", "titan_geonorm.train",
-                                 "--job.config_file", str(TINY_CONFIG), "--job.dump_folder", str(dump),
-                                 "--experimental.custom_import", "tests.hardening.faults", *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=env(**(faults or {})), capture_output=True, text=True,
-                          timeout=600)
+    cmd = torchrun_cmd(nproc) + [
+        "--max-restarts",
+        str(max_restarts),
+        "-m",
+        "titan_geonorm.train",
+        "--job.config_file",
+        str(TINY_CONFIG),
+        "--job.dump_folder",
+        str(dump),
+        "--experimental.custom_import",
+        "tests.hardening.faults",
+        *overrides,
+    ]
+    return subprocess.run(cmd, cwd=REPO, env=env(**(faults or {})), capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="package")

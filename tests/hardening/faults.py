@@ -25,8 +25,11 @@ def _install_rank_kill(rank: int, step: int) -> None:
     train_step = GeoNormTrainer.train_step
 
     def killing_train_step(self, data_iterator):
-        if (self.step == step and int(os.environ["RANK"]) == rank
-                and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+        if (
+            self.step == step
+            and int(os.environ["RANK"]) == rank
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        ):
             _die()
         return train_step(self, data_iterator)
 

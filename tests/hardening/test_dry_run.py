@@ -20,9 +20,14 @@ _spec.loader.exec_module(dry_run)
 
 
 def _runs(*args: str, timeout: int = 600) -> list[dict]:
-    proc = subprocess.run([sys.executable, "scripts/dry_run.py", "run", "--steps", "0", *args],
-                          cwd=REPO, env=env(OMP_NUM_THREADS="2"), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "scripts/dry_run.py", "run", "--steps", "0", *args],
+        cwd=REPO,
+        env=env(OMP_NUM_THREADS="2"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"mode"')]
 
@@ -35,14 +40,30 @@ def _check_against_estimate(result: dict) -> None:
 
 
 # The variants' wiring is the same at every size; at 70B one build costs about 25-50 s.
-@pytest.mark.parametrize("flavor,ngpu,models,params_total", [
-    ("8B", 64, MODELS, 8.03e9), ("70B", 256, ("llama3_periln",), 70.55e9),
-])
+@pytest.mark.parametrize(
+    "flavor,ngpu,models,params_total",
+    [
+        ("8B", 64, MODELS, 8.03e9),
+        ("70B", 256, ("llama3_periln",), 70.55e9),
+    ],
+)
 def test_every_variant_and_optimizer_builds_at_scale(flavor, ngpu, models, params_total):
     # Without the init projection: rank 0's SVDs of its own matrices are the only cost that grows
     # with the model (test below), and every variant shares them.
-    results = _runs("--flavor", flavor, "--ngpu", str(ngpu), "--tp", "8", "--model", *models,
-                    "--optimizer", "AdamW", "ManifoldMuon", "--no-projection")
+    results = _runs(
+        "--flavor",
+        flavor,
+        "--ngpu",
+        str(ngpu),
+        "--tp",
+        "8",
+        "--model",
+        *models,
+        "--optimizer",
+        "AdamW",
+        "ManifoldMuon",
+        "--no-projection",
+    )
     assert [(r["model"], r["optimizer"]) for r in results] == [
         (m, o) for m in models for o in ("AdamW", "ManifoldMuon")
     ]
@@ -56,7 +77,8 @@ def test_every_variant_and_optimizer_builds_at_scale(flavor, ngpu, models, param
 
 
 def test_manifold_muon_projects_at_init_on_rank0_of_64():
-    (result,) = _runs("--flavor", "8B", "--ngpu", "64", "--tp", "8", "--model", "llama3_geonorm",
-                      "--optimizer", "ManifoldMuon")
+    (result,) = _runs(
+        "--flavor", "8B", "--ngpu", "64", "--tp", "8", "--model", "llama3_geonorm", "--optimizer", "ManifoldMuon"
+    )
     assert result["projection"] and result["owned_by_rank0"] >= 1
     _check_against_estimate(result)

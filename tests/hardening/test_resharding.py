@@ -21,12 +21,12 @@ pytestmark = pytest.mark.distributed
 # (CLI overrides, tolerance of the losses after the first resumed step)
 OPTIMIZERS = [
     pytest.param(("--optimizer.name", "AdamW"), 1e-5, id="AdamW"),
-    pytest.param(("--optimizer.name", "ManifoldMuon", "--optimizer.manifold_muon.muon_lr", "0.01"),
-                 1e-3, id="ManifoldMuon"),
+    pytest.param(
+        ("--optimizer.name", "ManifoldMuon", "--optimizer.manifold_muon.muon_lr", "0.01"), 1e-3, id="ManifoldMuon"
+    ),
 ]
 
-DP = {1: ("--parallelism.data_parallel_shard_degree", "1"),
-      2: ("--parallelism.data_parallel_shard_degree", "2")}
+DP = {1: ("--parallelism.data_parallel_shard_degree", "1"), 2: ("--parallelism.data_parallel_shard_degree", "2")}
 DP4 = ("--parallelism.data_parallel_shard_degree", "4")
 DP2_TP2 = ("--parallelism.data_parallel_shard_degree", "2", "--parallelism.tensor_parallel_degree", "2")
 
@@ -47,8 +47,19 @@ def checkpoint_at(seed: Path, dump: Path, optimizer, mesh, nproc: int) -> Path:
     """Train 5 steps from the seed on `mesh`; return the step-5 checkpoint."""
     (dump / "checkpoint").mkdir(parents=True)
     shutil.copytree(seed / "checkpoint" / "step-0", dump / "checkpoint" / "step-0")
-    train(dump, "--model.hf_assets_path", str(seed / "tokenizer"), "--checkpoint.enable",
-          "--checkpoint.interval", "5", "--training.steps", "5", *optimizer, *mesh, nproc=nproc)
+    train(
+        dump,
+        "--model.hf_assets_path",
+        str(seed / "tokenizer"),
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "5",
+        "--training.steps",
+        "5",
+        *optimizer,
+        *mesh,
+        nproc=nproc,
+    )
     return dump / "checkpoint" / "step-5"
 
 
@@ -56,10 +67,24 @@ def resume(seed: Path, checkpoint: Path, dump: Path, text: Path, optimizer, mesh
     """Steps 6-8 from `checkpoint` on `mesh`, data loader state left out; their losses."""
     (dump / "checkpoint").mkdir(parents=True)
     shutil.copytree(checkpoint, dump / "checkpoint" / "step-5")
-    train(dump, "--model.hf_assets_path", str(seed / "tokenizer"), "--checkpoint.enable",
-          "--checkpoint.load_only", "--checkpoint.exclude_from_loading", "dataloader",
-          "--training.steps", "8", "--training.dataset", "text_files",
-          "--training.dataset_path", str(text), *optimizer, *mesh, nproc=nproc)
+    train(
+        dump,
+        "--model.hf_assets_path",
+        str(seed / "tokenizer"),
+        "--checkpoint.enable",
+        "--checkpoint.load_only",
+        "--checkpoint.exclude_from_loading",
+        "dataloader",
+        "--training.steps",
+        "8",
+        "--training.dataset",
+        "text_files",
+        "--training.dataset_path",
+        str(text),
+        *optimizer,
+        *mesh,
+        nproc=nproc,
+    )
     assert steps(dump) == [6, 7, 8]
     return losses(dump)
 

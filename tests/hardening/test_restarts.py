@@ -25,9 +25,13 @@ def _output(proc) -> str:
 
 
 def test_killed_rank_restarts_from_last_checkpoint(seed, reference, tmp_path):
-    proc = launch(tmp_path, *seeded_args(seed, tmp_path), *FSDP2, max_restarts=1,
-                  faults={"TG_KILL_RANK": "1", "TG_KILL_AT_STEP": "8",
-                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    proc = launch(
+        tmp_path,
+        *seeded_args(seed, tmp_path),
+        *FSDP2,
+        max_restarts=1,
+        faults={"TG_KILL_RANK": "1", "TG_KILL_AT_STEP": "8", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+    )
     assert proc.returncode == 0, _output(proc)
     assert "exitcode: -9" in proc.stderr, _output(proc)  # torchrun saw the SIGKILL, then restarted
     assert f"Loading the checkpoint from {tmp_path}/checkpoint/step-5" in proc.stderr + proc.stdout
@@ -38,15 +42,21 @@ def test_killed_rank_restarts_from_last_checkpoint(seed, reference, tmp_path):
 
 
 def test_interrupted_save_leaves_last_complete_checkpoint(seed, reference, tmp_path):
-    proc = launch(tmp_path, *seeded_args(seed, tmp_path), *FSDP2,
-                  faults={"TG_KILL_IN_SAVE_STEP": "10"})
+    proc = launch(tmp_path, *seeded_args(seed, tmp_path), *FSDP2, faults={"TG_KILL_IN_SAVE_STEP": "10"})
     assert proc.returncode != 0
     partial = tmp_path / "checkpoint" / "step-10"
     assert list(partial.glob("*.distcp")), "the kill should come after the data files are written"
     assert not (partial / ".metadata").exists()
 
-    proc = launch(tmp_path, *FSDP2, "--model.hf_assets_path", str(seed / "tokenizer"),
-                  "--checkpoint.enable", "--checkpoint.interval", "5")
+    proc = launch(
+        tmp_path,
+        *FSDP2,
+        "--model.hf_assets_path",
+        str(seed / "tokenizer"),
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "5",
+    )
     assert proc.returncode == 0, _output(proc)
     assert f"Loading the checkpoint from {tmp_path}/checkpoint/step-5" in proc.stderr + proc.stdout
     assert steps(tmp_path)[10:] == [6, 7, 8, 9, 10]
@@ -80,9 +90,20 @@ def _wait(condition, timeout: float) -> bool:
 def test_workers_exit_when_torchrun_is_killed(tmp_path):
     """kill -9 of the torchrun agent only: its 2 workers are gone within 20 s (the launcher's
     PR_SET_PDEATHSIG) and write no checkpoint afterwards."""
-    cmd = torchrun_cmd(2) + ["-m", "titan_geonorm.train", "--job.config_file", str(TINY_CONFIG),
-                             "--job.dump_folder", str(tmp_path), *FSDP2, "--training.steps", "100000",
-                             "--checkpoint.enable", "--checkpoint.interval", "5"]
+    cmd = torchrun_cmd(2) + [
+        "-m",
+        "titan_geonorm.train",
+        "--job.config_file",
+        str(TINY_CONFIG),
+        "--job.dump_folder",
+        str(tmp_path),
+        *FSDP2,
+        "--training.steps",
+        "100000",
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "5",
+    ]
     agent = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers: list[int] = []
     try:

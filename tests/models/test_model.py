@@ -11,8 +11,8 @@ from torchtitan.models.llama3.model.args import TransformerModelArgs
 from torchtitan.models.llama3.model.model import Transformer
 
 from titan_geonorm.models.args import BlockVariant, VariantModelArgs
-from titan_geonorm.titan.preflight import check_sections
 from titan_geonorm.models.model import VariantTransformer
+from titan_geonorm.titan.preflight import check_sections
 
 SHAPE = dict(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16, multiple_of=16)
 VARIANTS = [v.value for v in BlockVariant]
@@ -135,8 +135,15 @@ def test_geonorm_default_block_formula():
 
 # DESIGN.md's first reconstruction (states on the sphere of radius sqrt(d)), which the formulas
 # above write out; the shipped defaults are the Pre-Norm radius with the paper's decay.
-SPHERE = dict(radius="sphere", attn_decay="none", ffn_decay="none", decay_index="sublayer",
-              learnable_bias=False, theta_base_max=math.inf, theta_max=math.pi / 2)
+SPHERE = dict(
+    radius="sphere",
+    attn_decay="none",
+    ffn_decay="none",
+    decay_index="sublayer",
+    learnable_bias=False,
+    theta_base_max=math.inf,
+    theta_max=math.pi / 2,
+)
 
 
 def _geonorm_cfg(**kwargs):
@@ -166,11 +173,23 @@ EXTRA_NAMES = {
     "pre": set(),
     "post": set(),
     "peri": {"layers.0.attention_out_norm.weight", "layers.0.ffn_out_norm.weight", "emb_norm.weight"},
-    "geonorm": {"layers.0.attention_step.step", "layers.0.ffn_step.step",
-                "layers.0.attention_step.bias", "layers.0.ffn_step.bias"},
-    "ngpt": {f"layers.0.{n}" for n in ("attention.wq.scale", "attention.wk.scale", "attention_update.alpha",
-                                        "feed_forward.w1.scale", "feed_forward.w3.scale",
-                                        "ffn_update.alpha")},
+    "geonorm": {
+        "layers.0.attention_step.step",
+        "layers.0.ffn_step.step",
+        "layers.0.attention_step.bias",
+        "layers.0.ffn_step.bias",
+    },
+    "ngpt": {
+        f"layers.0.{n}"
+        for n in (
+            "attention.wq.scale",
+            "attention.wk.scale",
+            "attention_update.alpha",
+            "feed_forward.w1.scale",
+            "feed_forward.w3.scale",
+            "ffn_update.alpha",
+        )
+    },
 }
 # nGPT normalizes without norm layers; its `norm` is the logit scale s_z.
 MISSING_NAMES = {
@@ -245,9 +264,20 @@ def test_update_from_config_reads_the_toml_sections():
     args = VariantModelArgs(**SHAPE, block="geonorm")
     args.update_from_config(
         parse(
-            "--model.norm_type", "layernorm", "--model.norm_bias", "--geonorm.radius", "sphere",
-            "--geonorm.ffn_decay", "sqrt", "--geonorm.decay_index", "block",
-            "--geonorm.step_init", "0.5", "--geonorm.theta_max", "1.0", "--peri_ln.embedding_norm",
+            "--model.norm_type",
+            "layernorm",
+            "--model.norm_bias",
+            "--geonorm.radius",
+            "sphere",
+            "--geonorm.ffn_decay",
+            "sqrt",
+            "--geonorm.decay_index",
+            "block",
+            "--geonorm.step_init",
+            "0.5",
+            "--geonorm.theta_max",
+            "1.0",
+            "--peri_ln.embedding_norm",
         )
     )
     assert (args.norm_type, args.norm_bias, args.embedding_norm) == ("layernorm", True, True)

@@ -18,9 +18,16 @@ pytestmark = pytest.mark.distributed
 
 def _job_config(*overrides: str):
     return ConfigManager().parse_args(
-        ["--job.custom_config_module", "titan_geonorm.config", "--training.seq_len", "16",
-         "--parallelism.disable_loss_parallel", "--training.mixed_precision_param", "float32",
-         *overrides]
+        [
+            "--job.custom_config_module",
+            "titan_geonorm.config",
+            "--training.seq_len",
+            "16",
+            "--parallelism.disable_loss_parallel",
+            "--training.mixed_precision_param",
+            "float32",
+            *overrides,
+        ]
     )
 
 
@@ -68,21 +75,27 @@ def _tp2():
 
 def _fsdp2_selective_ac():
     _check_against_single_process(
-        dp_shard=2, tp=1, cases=ALL_CASES,
+        dp_shard=2,
+        tp=1,
+        cases=ALL_CASES,
         overrides=("--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"),
     )
 
 
 def _fsdp2_tp2_full_ac():
     _check_against_single_process(
-        dp_shard=2, tp=2, cases=[("geonorm", "layernorm"), ("peri", "rmsnorm")],
+        dp_shard=2,
+        tp=2,
+        cases=[("geonorm", "layernorm"), ("peri", "rmsnorm")],
         overrides=("--activation_checkpoint.mode", "full"),
     )
 
 
 def _fsdp2_compile():
     _check_against_single_process(
-        dp_shard=2, tp=1, cases=[("geonorm", "layernorm"), ("peri", "rmsnorm")],
+        dp_shard=2,
+        tp=1,
+        cases=[("geonorm", "layernorm"), ("peri", "rmsnorm")],
         overrides=("--compile.enable", "--compile.components", "model"),
     )
 

@@ -49,9 +49,7 @@ def _fsdp_on_gloo() -> None:
         plain(batch).sum().backward()
     force_sum_reduction_on_gloo(fixed)
     fixed(batch).sum().backward()
-    torch.testing.assert_close(
-        fixed.weight.grad.full_tensor(), _expected_sum_grad(dist.get_world_size())
-    )
+    torch.testing.assert_close(fixed.weight.grad.full_tensor(), _expected_sum_grad(dist.get_world_size()))
 
 
 def test_fsdp_on_gloo_fails_without_and_sums_with_force_sum():

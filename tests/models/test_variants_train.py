@@ -13,23 +13,67 @@ from tests.launch import losses, steps, train
 pytestmark = pytest.mark.distributed
 
 CASES = [
-    ("llama3_preln", "layernorm", 2, ["--parallelism.data_parallel_shard_degree", "2",
-                                      "--activation_checkpoint.mode", "selective"]),
-    ("llama3_postln", "rmsnorm", 2, ["--parallelism.tensor_parallel_degree", "2",
-                                     "--parallelism.data_parallel_shard_degree", "1"]),
-    ("llama3_periln", "layernorm", 4, ["--parallelism.tensor_parallel_degree", "2",
-                                       "--parallelism.data_parallel_shard_degree", "2",
-                                       "--activation_checkpoint.mode", "full"]),
+    (
+        "llama3_preln",
+        "layernorm",
+        2,
+        ["--parallelism.data_parallel_shard_degree", "2", "--activation_checkpoint.mode", "selective"],
+    ),
+    (
+        "llama3_postln",
+        "rmsnorm",
+        2,
+        ["--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1"],
+    ),
+    (
+        "llama3_periln",
+        "layernorm",
+        4,
+        [
+            "--parallelism.tensor_parallel_degree",
+            "2",
+            "--parallelism.data_parallel_shard_degree",
+            "2",
+            "--activation_checkpoint.mode",
+            "full",
+        ],
+    ),
     # GeoNorm's radius is named in each case, so both stay covered whatever the default.
-    ("llama3_geonorm", "rmsnorm", 2, ["--parallelism.data_parallel_shard_degree", "2",
-                                      "--compile.enable", "--geonorm.radius", "sphere"]),
-    ("llama3_geonorm", "rmsnorm", 2, ["--parallelism.data_parallel_shard_degree", "2",
-                                      "--activation_checkpoint.mode", "selective",
-                                      "--geonorm.radius", "prenorm"]),
-    ("llama3_geonorm", "layernorm", 2, ["--parallelism.tensor_parallel_degree", "2",
-                                        "--parallelism.data_parallel_shard_degree", "1",
-                                        "--activation_checkpoint.mode", "full",
-                                        "--model.norm_bias", "--geonorm.radius", "prenorm"]),
+    (
+        "llama3_geonorm",
+        "rmsnorm",
+        2,
+        ["--parallelism.data_parallel_shard_degree", "2", "--compile.enable", "--geonorm.radius", "sphere"],
+    ),
+    (
+        "llama3_geonorm",
+        "rmsnorm",
+        2,
+        [
+            "--parallelism.data_parallel_shard_degree",
+            "2",
+            "--activation_checkpoint.mode",
+            "selective",
+            "--geonorm.radius",
+            "prenorm",
+        ],
+    ),
+    (
+        "llama3_geonorm",
+        "layernorm",
+        2,
+        [
+            "--parallelism.tensor_parallel_degree",
+            "2",
+            "--parallelism.data_parallel_shard_degree",
+            "1",
+            "--activation_checkpoint.mode",
+            "full",
+            "--model.norm_bias",
+            "--geonorm.radius",
+            "prenorm",
+        ],
+    ),
 ]
 
 
@@ -38,12 +82,10 @@ def _case_id(name: str, norm: str, nproc: int, overrides: list[str]) -> str:
     return "-".join(filter(None, [name, norm, f"{nproc}ranks", radius]))
 
 
-@pytest.mark.parametrize("name, norm, nproc, overrides", CASES,
-                         ids=[_case_id(*c) for c in CASES])
+@pytest.mark.parametrize("name, norm, nproc, overrides", CASES, ids=[_case_id(*c) for c in CASES])
 def test_variant_trains(name, norm, nproc, overrides, tmp_path):
     # Post-LN and GeoNorm learn more slowly than Pre-LN early on (docs/benchmarks.md): 16 steps.
-    train(tmp_path, "--model.name", name, "--model.norm_type", norm, "--training.steps", "16",
-          *overrides, nproc=nproc)
+    train(tmp_path, "--model.name", name, "--model.norm_type", norm, "--training.steps", "16", *overrides, nproc=nproc)
     loss = losses(tmp_path)
     assert steps(tmp_path) == list(range(1, 17))
     assert all(math.isfinite(x) for x in loss)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tests.optim.test_manifold_muon import build_model
-from titan_geonorm.titan.optimizers import ManifoldMuonContainer
 from titan_geonorm.optim.config import ManifoldMuonConfig
+from titan_geonorm.titan.optimizers import ManifoldMuonContainer
 
 ADAMW = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 
@@ -39,8 +39,17 @@ def _adamw_groups(model_name: str, *overrides: str):
     from titan_geonorm.titan.launcher import parse_config
     from titan_geonorm.titan.optimizers import build_optimizers
 
-    job_config = parse_config(["--job.config_file", str(TINY_CONFIG), "--model.name", model_name,
-                               "--optimizer.weight_decay", "0.1", *overrides])
+    job_config = parse_config(
+        [
+            "--job.config_file",
+            str(TINY_CONFIG),
+            "--model.name",
+            model_name,
+            "--optimizer.weight_decay",
+            "0.1",
+            *overrides,
+        ]
+    )
     spec = get_train_spec(model_name)
     args = spec.model_args[job_config.model.flavor]
     args.update_from_config(job_config)

@@ -71,8 +71,17 @@ def _case(name: str, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # (name, m, n): square even/odd, tall with m <= 2n (odd n) and m > 2n (the QR form).
-CASES = [("random", 10, 10), ("random", 12, 7), ("random", 16, 5), ("mostly_normal", 16, 5),
-         ("mostly_normal", 8, 8), ("random", 9, 9), ("rank2", 12, 7), ("rank2", 16, 5), ("rank2", 10, 10)]
+CASES = [
+    ("random", 10, 10),
+    ("random", 12, 7),
+    ("random", 16, 5),
+    ("mostly_normal", 16, 5),
+    ("mostly_normal", 8, 8),
+    ("random", 9, 9),
+    ("rank2", 12, 7),
+    ("rank2", 16, 5),
+    ("rank2", 10, 10),
+]
 
 
 @pytest.mark.parametrize("name,m,n", CASES)
@@ -159,8 +168,12 @@ def test_stiefel_first_dual_iterate_is_projected_then_orthogonalized():
     w = project_stiefel(torch.randn(2, 64, 16))
     g = torch.randn(2, 64, 16)
     lr = 0.05
-    settings = StepSettings(stiefel_solver="dual_ascent", stiefel_retraction="msign",
-                            dual=DualSettings(steps=1, normalize_g=False), retraction=MsignSettings(steps=12))
+    settings = StepSettings(
+        stiefel_solver="dual_ascent",
+        stiefel_retraction="msign",
+        dual=DualSettings(steps=1, normalize_g=False),
+        retraction=MsignSettings(steps=12),
+    )
     res = stiefel_step(w, g, lr, None, settings)
     sym = 0.5 * (w.mT @ g + g.mT @ w)
     first = msign(g - w @ sym, steps=5)

@@ -43,8 +43,7 @@ def loss_fn(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), tokens.roll(-1, 1).flatten())
 
 
-def train(model: torch.nn.Module, opt: ManifoldMuon, steps: int, start: int = 0,
-          sched=None) -> list[float]:
+def train(model: torch.nn.Module, opt: ManifoldMuon, steps: int, start: int = 0, sched=None) -> list[float]:
     losses = []
     for step in range(start, start + steps):
         loss = loss_fn(model, batch(step))
@@ -117,11 +116,24 @@ def test_dual_ascent_keeps_its_warm_start():
 def test_paper_preset_settings_and_training():
     cfg = config("paper").resolved()
     assert (cfg.stiefel_solver, cfg.dgram_solver, cfg.dual_tol, cfg.dual_msign_steps) == (
-        "dual_ascent", "dual_ascent", 1e-6, 10)
+        "dual_ascent",
+        "dual_ascent",
+        1e-6,
+        10,
+    )
     assert (cfg.momentum_style, cfg.dual_iterate, cfg.normalize_g, cfg.warm_start, cfg.dgram_metric) == (
-        "sum", "last", False, False, False)
+        "sum",
+        "last",
+        False,
+        False,
+        False,
+    )
     assert (cfg.dgram_retraction, cfg.dgram_init, cfg.fused_qkv, cfg.stiefel_retraction) == (
-        "svd_rank", "singular_values", True, "msign")
+        "svd_rank",
+        "singular_values",
+        True,
+        "msign",
+    )
     assert (cfg.muon_scale, cfg.muon_weight_decay, cfg.weight_decay_1d) == ("one", 0.1, False)
     # An explicit key wins over the preset's value.
     assert config("paper", warm_start=True, dual_tol=1e-3).resolved().warm_start is True
@@ -142,8 +154,9 @@ def test_paper_preset_settings_and_training():
 def test_sum_momentum_is_the_paper_form():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(8, 4))
-    opt = ManifoldMuon([("layers.0.attention.wq.weight", w)],
-                       config("muon", momentum_style="sum", momentum=0.5, msign_steps=1))
+    opt = ManifoldMuon(
+        [("layers.0.attention.wq.weight", w)], config("muon", momentum_style="sum", momentum=0.5, msign_steps=1)
+    )
     grads = [torch.randn(8, 4) for _ in range(2)]
     for g in grads:
         w.grad = g.clone()
@@ -157,9 +170,7 @@ def test_loss_decreases_and_lr_scheduler_scales_groups():
     opt = ManifoldMuon(model.named_parameters(), config("hetero"), lr=3e-3)
     opt.project_()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
-    assert {g["geometry"]: g["lr"] for g in opt.param_groups} == {
-        "adamw": 1.5e-3, "stiefel": 0.01, "dgram": 0.01
-    }
+    assert {g["geometry"]: g["lr"] for g in opt.param_groups} == {"adamw": 1.5e-3, "stiefel": 0.01, "dgram": 0.01}
     tokens = batch(0)
     losses = []
     for _ in range(5):
@@ -273,10 +284,20 @@ EXACT = DUAL | {"dual_tol": 0.0, "dual_steps": 3}
 # One spawn per world size (process start-up dominates); every geometry on every layout.
 # "replicated": plain tensors on every rank (as under DDP), work still split across ranks.
 LAYOUTS = {
-    2: [("fsdp", "hetero", {}), ("fsdp", "hetero", EXACT), ("tp", "hetero_inv", {}),
-        ("tp", "hetero_inv", EXACT), ("replicated", "muon", {})],
-    4: [("fsdp_tp", "hetero", {}), ("fsdp_tp", "hetero", EXACT), ("fsdp_tp", "muon", {}),
-        ("fsdp_tp", "all_dgram", {"fused_qkv": True}), ("fsdp_tp", "all_dgram", EXACT | {"fused_qkv": True})],
+    2: [
+        ("fsdp", "hetero", {}),
+        ("fsdp", "hetero", EXACT),
+        ("tp", "hetero_inv", {}),
+        ("tp", "hetero_inv", EXACT),
+        ("replicated", "muon", {}),
+    ],
+    4: [
+        ("fsdp_tp", "hetero", {}),
+        ("fsdp_tp", "hetero", EXACT),
+        ("fsdp_tp", "muon", {}),
+        ("fsdp_tp", "all_dgram", {"fused_qkv": True}),
+        ("fsdp_tp", "all_dgram", EXACT | {"fused_qkv": True}),
+    ],
 }
 
 
@@ -327,8 +348,11 @@ def test_resume_keeps_lr_schedule_on_every_geometry():
     assert {g["geometry"] for g in opt.param_groups} == {"adamw", "muon", "stiefel", "dgram"}
     uninterrupted = train(model, opt, 2, start=0, sched=sched)
     saved = copy.deepcopy(
-        {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt, options=FLAT),
-         "sched": sched.state_dict()}
+        {
+            "model": model.state_dict(),
+            "optim": get_optimizer_state_dict(model, opt, options=FLAT),
+            "sched": sched.state_dict(),
+        }
     )
     uninterrupted += train(model, opt, 3, start=2, sched=sched)
 

@@ -9,8 +9,17 @@ from tests.launch import losses, steps, train
 
 pytestmark = pytest.mark.distributed
 
-MUON = ["--optimizer.name", "ManifoldMuon", "--optimizer.manifold_muon.preset", "hetero",
-        "--checkpoint.enable", "--checkpoint.interval", "5", "--debug.seed", "0"]
+MUON = [
+    "--optimizer.name",
+    "ManifoldMuon",
+    "--optimizer.manifold_muon.preset",
+    "hetero",
+    "--checkpoint.enable",
+    "--checkpoint.interval",
+    "5",
+    "--debug.seed",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")

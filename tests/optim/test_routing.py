@@ -16,10 +16,22 @@ def test_every_parameter_gets_exactly_one_geometry(model, preset):
     names = [n for n, _ in model.named_parameters()]
     assignment = assign_geometries(model.named_parameters(), preset)
     assert list(assignment) == names
-    attn = {"hetero": "stiefel", "hetero_inv": "dgram", "all_stiefel": "stiefel", "all_dgram": "dgram",
-            "muon": "muon", "paper": "stiefel"}
-    mlp = {"hetero": "dgram", "hetero_inv": "stiefel", "all_stiefel": "stiefel", "all_dgram": "dgram",
-           "muon": "muon", "paper": "dgram"}
+    attn = {
+        "hetero": "stiefel",
+        "hetero_inv": "dgram",
+        "all_stiefel": "stiefel",
+        "all_dgram": "dgram",
+        "muon": "muon",
+        "paper": "stiefel",
+    }
+    mlp = {
+        "hetero": "dgram",
+        "hetero_inv": "stiefel",
+        "all_stiefel": "stiefel",
+        "all_dgram": "dgram",
+        "muon": "muon",
+        "paper": "dgram",
+    }
     for name, geometry in assignment.items():
         if ".attention.w" in name:
             assert geometry == attn[preset], name
@@ -31,8 +43,10 @@ def test_every_parameter_gets_exactly_one_geometry(model, preset):
 
 def test_embedding_and_head_by_name_not_shape():
     # A square head shaped like wq must still go to AdamW.
-    params = [("output.weight", torch.nn.Parameter(torch.zeros(64, 64))),
-              ("layers.0.attention.wq.weight", torch.nn.Parameter(torch.zeros(64, 64)))]
+    params = [
+        ("output.weight", torch.nn.Parameter(torch.zeros(64, 64))),
+        ("layers.0.attention.wq.weight", torch.nn.Parameter(torch.zeros(64, 64))),
+    ]
     expected = {"output.weight": "adamw", "layers.0.attention.wq.weight": "stiefel"}
     assert assign_geometries(params, "hetero") == expected
 
@@ -69,11 +83,25 @@ def test_refusals_name_the_culprit():
 
 @pytest.mark.parametrize(
     "key,value",
-    [("preset", "x"), ("dual_alpha", 0.0), ("momentum", 1.0), ("msign_steps", 0), ("muon_scale", "rms"),
-     ("msign_method", "svd"), ("dgram_retraction", "qr"), ("dual_tol", -1.0), ("msign_dtype", "fp8"),
-     ("stiefel_solver", "newton"), ("dgram_solver", "exact"), ("momentum_style", "adam"),
-     ("dual_iterate", "first"), ("dgram_init", "qr"), ("stiefel_retraction", "cayley"),
-     ("closed_form_steps", 0), ("warm_start", "yes")],
+    [
+        ("preset", "x"),
+        ("dual_alpha", 0.0),
+        ("momentum", 1.0),
+        ("msign_steps", 0),
+        ("muon_scale", "rms"),
+        ("msign_method", "svd"),
+        ("dgram_retraction", "qr"),
+        ("dual_tol", -1.0),
+        ("msign_dtype", "fp8"),
+        ("stiefel_solver", "newton"),
+        ("dgram_solver", "exact"),
+        ("momentum_style", "adam"),
+        ("dual_iterate", "first"),
+        ("dgram_init", "qr"),
+        ("stiefel_retraction", "cayley"),
+        ("closed_form_steps", 0),
+        ("warm_start", "yes"),
+    ],
 )
 def test_config_validate_names_the_key(key, value):
     with pytest.raises(ValueError, match=rf"optimizer\.manifold_muon\.{key}"):

@@ -21,7 +21,11 @@ def _finite(x) -> bool:
 def test_gpu_check_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--smoke", "--deadline-s", "240"],
-        cwd=REPO, env=os.environ | {"OUT": str(tmp_path)}, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=os.environ | {"OUT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -54,8 +58,15 @@ def test_gpu_check_smoke(tmp_path):
             assert _finite(run.get(key)), (name, key, run)
 
     summary = report["summary"]
-    for key in ("variants_within_2pct_of_titan", "stiefel_fastest_exact_x_muon", "dgram_fastest_exact_x_muon",
-                "muon_share_of_fwd_bwd", "bf16_geonorm", "bf16_stiefel", "bf16_dgram"):
+    for key in (
+        "variants_within_2pct_of_titan",
+        "stiefel_fastest_exact_x_muon",
+        "dgram_fastest_exact_x_muon",
+        "muon_share_of_fwd_bwd",
+        "bf16_geonorm",
+        "bf16_stiefel",
+        "bf16_dgram",
+    ):
         assert key in summary, key
 
 
@@ -69,18 +80,29 @@ def _load_gpu_check():
 def test_report_of_failed_and_cut_parts(tmp_path):
     """On a GPU day parts fail or get cut; the report must still be written, saying so."""
     gpu_check = _load_gpu_check()
-    settings = {"muon": {"geometry": "muon", "step_ms": 2.0},
-                "stiefel defaults": {"geometry": "stiefel", "status": "skipped: deadline"}}
-    variants = {"llama3_titan": {"status": "timeout", "steps_done": 0, "loss_finite": False},
-                "llama3_geonorm": {"status": "skipped: deadline"}}
+    settings = {
+        "muon": {"geometry": "muon", "step_ms": 2.0},
+        "stiefel defaults": {"geometry": "stiefel", "status": "skipped: deadline"},
+    }
+    variants = {
+        "llama3_titan": {"status": "timeout", "steps_done": 0, "loss_finite": False},
+        "llama3_geonorm": {"status": "skipped: deadline"},
+    }
     report = {
         "env": {"device": "NVIDIA H200", "smoke": False},
         "parts": {
             "numerics": {"status": "error rc=1", "geonorm": {"status": "error: TypeError: x", "ok": False}},
-            "optimizer": {"status": "timeout", "settings": settings,
-                          "layer": {"matrices": {"layers.0.attention.wq.weight": [8, 8]}}},
-            "train": {"status": "partial", "warmup_steps": 10, "variants": variants,
-                      "config": gpu_check.train_config(gpu_check.FULL, True)},
+            "optimizer": {
+                "status": "timeout",
+                "settings": settings,
+                "layer": {"matrices": {"layers.0.attention.wq.weight": [8, 8]}},
+            },
+            "train": {
+                "status": "partial",
+                "warmup_steps": 10,
+                "variants": variants,
+                "config": gpu_check.train_config(gpu_check.FULL, True),
+            },
         },
     }
     gpu_check.write_report(report, tmp_path)

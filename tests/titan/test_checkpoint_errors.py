@@ -46,8 +46,11 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def preflight(dump: Path, *overrides: str) -> None:
-    run_preflight(parse_config(["--job.config_file", str(TINY_CONFIG), "--job.dump_folder", str(dump),
-                                "--checkpoint.enable", *overrides]))
+    run_preflight(
+        parse_config(
+            ["--job.config_file", str(TINY_CONFIG), "--job.dump_folder", str(dump), "--checkpoint.enable", *overrides]
+        )
+    )
 
 
 @pytest.fixture
@@ -66,32 +69,39 @@ def test_truncated_shard_fails_bare_inside_dcp(dump):
     assert "EOFError" in str(info.value) and "__0_0.distcp" not in str(info.value)
 
 
-@pytest.mark.parametrize("damage, file, problem", [
-    ("truncate-shard", "__0_0.distcp", "is truncated or unreadable (1000 bytes, the metadata expects"),
-    ("delete-shard", "__0_0.distcp", "is missing"),
-    ("truncate-metadata", ".metadata", "is truncated or unreadable ("),
-])
+@pytest.mark.parametrize(
+    "damage, file, problem",
+    [
+        ("truncate-shard", "__0_0.distcp", "is truncated or unreadable (1000 bytes, the metadata expects"),
+        ("delete-shard", "__0_0.distcp", "is missing"),
+        ("truncate-metadata", ".metadata", "is truncated or unreadable ("),
+    ],
+)
 def test_damaged_checkpoint_is_refused_naming_folder_and_file(dump, damage, file, problem):
     step4 = dump / "checkpoint" / "step-4"
     target = step4 / file
     if damage == "delete-shard":
         target.unlink()
     else:
-        target.write_bytes(target.read_bytes()[:1000 if file != ".metadata" else 100])
+        target.write_bytes(target.read_bytes()[: 1000 if file != ".metadata" else 100])
     before = snapshot(dump)
     with pytest.raises(CheckpointDamaged) as info:
         preflight(dump)
     assert str(info.value).startswith(f"checkpoint {step4}: {file} {problem}")
-    assert ("delete the folder to resume from the previous step (step-2), or set "
-            "checkpoint.load_step") in str(info.value)
+    assert ("delete the folder to resume from the previous step (step-2), or set checkpoint.load_step") in str(
+        info.value
+    )
     assert snapshot(dump) == before  # nothing deleted or rewritten
     preflight(dump, "--checkpoint.load_step", "2")  # the way out the message names
 
 
 def test_load_step_of_an_unfinished_save_is_refused(dump):
     (dump / "checkpoint" / "step-4" / ".metadata").unlink()
-    with pytest.raises(CheckpointDamaged, match=r"step-4: \.metadata is missing \(the save of this "
-                                                r"step did not finish\); delete the folder .*\(step-2\)"):
+    with pytest.raises(
+        CheckpointDamaged,
+        match=r"step-4: \.metadata is missing \(the save of this "
+        r"step did not finish\); delete the folder .*\(step-2\)",
+    ):
         preflight(dump, "--checkpoint.load_step", "4")
     preflight(dump)  # without load_step torchtitan takes step-2, the newest complete one
 
@@ -101,9 +111,22 @@ def test_launcher_refuses_a_truncated_shard_before_any_compute(dump):
     shard.write_bytes(shard.read_bytes()[:1000])
     before = snapshot(dump)
     proc = subprocess.run(
-        [sys.executable, "-m", "titan_geonorm.train", "--job.config_file", str(TINY_CONFIG),
-         "--job.dump_folder", str(dump), "--checkpoint.enable"],
-        cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "titan_geonorm.train",
+            "--job.config_file",
+            str(TINY_CONFIG),
+            "--job.dump_folder",
+            str(dump),
+            "--checkpoint.enable",
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"titan_geonorm: checkpoint {shard.parent}: __0_0.distcp is truncated" in proc.stderr
     assert snapshot(dump) == before and not (dump / "metrics.jsonl").exists()
@@ -112,11 +135,13 @@ def test_launcher_refuses_a_truncated_shard_before_any_compute(dump):
 def test_export_of_a_truncated_shard_names_the_file(dump):
     shard = dump / "checkpoint" / "step-4" / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:1000])
-    with pytest.raises(ValueError, match=rf"checkpoint {re.escape(str(shard.parent))}: __0_0.distcp is truncated or "
-                                         r"unreadable \(1000 bytes, .*: export another step"):
+    with pytest.raises(
+        ValueError,
+        match=rf"checkpoint {re.escape(str(shard.parent))}: __0_0.distcp is truncated or "
+        r"unreadable \(1000 bytes, .*: export another step",
+    ):
         load_checkpoint(shard.parent, {"w": torch.Size([4096])})
-    assert load_checkpoint(dump / "checkpoint" / "step-2", {"w": torch.Size([4096])})["w"].equal(
-        torch.arange(4096.0))
+    assert load_checkpoint(dump / "checkpoint" / "step-2", {"w": torch.Size([4096])})["w"].equal(torch.arange(4096.0))
 
 
 # Disk full during a save (patch 0007): the writer fails as torch's does on a full disk.
@@ -128,8 +153,7 @@ DISK_FULL = {
 
 def _save(checkpoint_id: Path, dcp_save=CheckpointManager.dcp_save) -> None:
     manager = object.__new__(CheckpointManager)  # dcp_save reads no attribute for a plain sync save
-    dcp_save(manager, {"w": torch.arange(4096.0)}, checkpoint_id=str(checkpoint_id),
-             async_mode=AsyncMode.DISABLED)
+    dcp_save(manager, {"w": torch.arange(4096.0)}, checkpoint_id=str(checkpoint_id), async_mode=AsyncMode.DISABLED)
 
 
 @pytest.mark.parametrize("error", DISK_FULL.values(), ids=DISK_FULL.keys())
@@ -175,8 +199,10 @@ def test_export_as_another_model_is_refused_naming_both_values(tmp_path):
     path = write_step(tmp_path, 4, PRELN)
     check_trained_as(load_job_config(TINY_CONFIG, list(PRELN)), path)
     for overrides, expected in [
-        (("--model.norm_type", "layernorm"), ("model.norm_type = 'layernorm', but the checkpoint "
-                                              f"{path} was trained with model.norm_type = 'rmsnorm'")),
+        (
+            ("--model.norm_type", "layernorm"),
+            (f"model.norm_type = 'layernorm', but the checkpoint {path} was trained with model.norm_type = 'rmsnorm'"),
+        ),
         (("--model.flavor", "tiny12"), "model.flavor = 'tiny12', but the checkpoint"),
         (("--model.name", "llama3_periln"), "was trained with model.name = 'llama3_preln'"),
     ]:
@@ -191,10 +217,28 @@ def test_export_cli_refuses_layernorm_export_of_rmsnorm_checkpoint(tmp_path):
     path = write_step(tmp_path, 4, PRELN)
     out = tmp_path / "hf"
     proc = subprocess.run(
-        [sys.executable, "-m", "titan_geonorm.export", "--config", str(TINY_CONFIG),
-         "--checkpoint", str(path), "--output", str(out), *PRELN, "--model.norm_type", "layernorm"],
-        cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "titan_geonorm.export",
+            "--config",
+            str(TINY_CONFIG),
+            "--checkpoint",
+            str(path),
+            "--output",
+            str(out),
+            *PRELN,
+            "--model.norm_type",
+            "layernorm",
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert ("error: model.norm_type = 'layernorm', but the checkpoint "
-            f"{path} was trained with model.norm_type = 'rmsnorm'") in proc.stderr
+    assert (
+        f"error: model.norm_type = 'layernorm', but the checkpoint {path} was trained with model.norm_type = 'rmsnorm'"
+    ) in proc.stderr
     assert not out.exists()

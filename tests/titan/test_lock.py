@@ -9,8 +9,10 @@ import sys
 from tests.launch import REPO, TINY_CONFIG, env
 from titan_geonorm.titan.lock import lock_dump_folder
 
-HOLD = "import sys, time; from titan_geonorm.titan.lock import lock_dump_folder; " \
-       "lock_dump_folder(sys.argv[1]); print('locked', flush=True); time.sleep(600)"
+HOLD = (
+    "import sys, time; from titan_geonorm.titan.lock import lock_dump_folder; "
+    "lock_dump_folder(sys.argv[1]); print('locked', flush=True); time.sleep(600)"
+)
 
 
 def test_second_run_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
@@ -19,9 +21,23 @@ def test_second_run_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         second = subprocess.run(
-            [sys.executable, "-m", "titan_geonorm.train", "--job.config_file", str(TINY_CONFIG),
-             "--job.dump_folder", str(dump), "--training.steps", "1"],
-            cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+            [
+                sys.executable,
+                "-m",
+                "titan_geonorm.train",
+                "--job.config_file",
+                str(TINY_CONFIG),
+                "--job.dump_folder",
+                str(dump),
+                "--training.steps",
+                "1",
+            ],
+            cwd=REPO,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"pid {holder.pid}" in second.stderr and "job.dump_folder" in second.stderr
         assert not (dump / "checkpoint").exists() and not (dump / "metrics.jsonl").exists()
@@ -33,9 +49,12 @@ def test_second_run_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
 
 def test_run_train_sh_exits_2_on_a_bad_key(tmp_path):
     proc = subprocess.run(
-        ["bash", "scripts/run_train.sh", "--job.dump_folder", str(tmp_path / "d"),
-         "--training.steps", "0"],
-        cwd=REPO, env=env(NGPU="1", CONFIG_FILE=str(TINY_CONFIG), PYTHON=sys.executable),
-        capture_output=True, text=True, timeout=120)
+        ["bash", "scripts/run_train.sh", "--job.dump_folder", str(tmp_path / "d"), "--training.steps", "0"],
+        cwd=REPO,
+        env=env(NGPU="1", CONFIG_FILE=str(TINY_CONFIG), PYTHON=sys.executable),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "training.steps = 0" in proc.stderr and "ChildFailedError" not in proc.stderr

@@ -54,11 +54,7 @@ def corpus_file_name() -> str:
 def stdlib_sources(root: Path | None = None) -> list[Path]:
     """The standard library's `.py` files outside test packages, sorted by relative path."""
     root = Path(sysconfig.get_paths()["stdlib"]) if root is None else root
-    files = [
-        p
-        for p in root.rglob("*.py")
-        if not _EXCLUDED_DIRS.intersection(p.relative_to(root).parts)
-    ]
+    files = [p for p in root.rglob("*.py") if not _EXCLUDED_DIRS.intersection(p.relative_to(root).parts)]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 

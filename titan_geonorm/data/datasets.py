@@ -91,9 +91,7 @@ def check_source(name: str, path: str | None, section: str) -> None:
     """Refuse an unknown dataset name or a missing/empty path, naming the config key."""
     if name not in LOCAL_SOURCES and name not in HUB_SOURCES:
         known = list(LOCAL_SOURCES) + list(HUB_SOURCES)
-        raise ValueError(
-            f"{section}.dataset = {name!r} is not a known dataset; choose one of {known}"
-        )
+        raise ValueError(f"{section}.dataset = {name!r} is not a known dataset; choose one of {known}")
     if name == "embedded" and path:
         raise ValueError(
             f"{section}.dataset_path = {path!r} is not used by dataset 'embedded' (the corpus is "
@@ -105,9 +103,7 @@ def check_source(name: str, path: str | None, section: str) -> None:
         if not Path(path).expanduser().exists():
             raise ValueError(f"{section}.dataset_path = {path!r} does not exist")
         if not text_files(Path(path).expanduser()):
-            raise ValueError(
-                f"{section}.dataset_path = {path!r} holds no {'/'.join(FILE_SUFFIXES)} files"
-            )
+            raise ValueError(f"{section}.dataset_path = {path!r} holds no {'/'.join(FILE_SUFFIXES)} files")
 
 
 def text_files(path: Path) -> list[Path]:
@@ -204,9 +200,7 @@ def _read_parquet(path: Path, encoding: str = "utf-8") -> Iterator[str]:
 
     table = pq.ParquetFile(path)
     if "text" not in table.schema_arrow.names:
-        raise ValueError(
-            f"{path}: parquet file has no column 'text' (columns: {table.schema_arrow.names})"
-        )
+        raise ValueError(f"{path}: parquet file has no column 'text' (columns: {table.schema_arrow.names})")
     for batch in table.iter_batches(columns=["text"], batch_size=1024):
         yield from (t for t in batch.column(0).to_pylist() if t is not None)
 
@@ -332,8 +326,7 @@ def build_documents(
         files = [embedded_corpus_path(job_config.training.data_cache_dir)]
         return FileDocuments(files, split, val_fraction, dp_rank, dp_world_size)
     files = text_files(Path(path).expanduser())
-    return FileDocuments(files, split, val_fraction, dp_rank, dp_world_size,
-                         job_config.training.encoding)
+    return FileDocuments(files, split, val_fraction, dp_rank, dp_world_size, job_config.training.encoding)
 
 
 class PackedTextDataset(IterableDataset, Stateful):
@@ -419,9 +412,7 @@ def validate_data_config(job_config: JobConfig) -> None:
     check_source(*sources[0])
     if v.enable:
         if v.val_fraction == 0:
-            raise ValueError(
-                "validation.enable = true needs validation.val_fraction > 0 (the held-out split)"
-            )
+            raise ValueError("validation.enable = true needs validation.val_fraction > 0 (the held-out split)")
         sources.append(source_of(job_config, "validation"))
         check_source(*sources[1])
     min_vocab = 256 + 2 + 1
@@ -431,10 +422,7 @@ def validate_data_config(job_config: JobConfig) -> None:
             f"least one merge), got {t.tokenizer_vocab_size}"
         )
     if t.tokenizer_train_chars <= 0:
-        raise ValueError(
-            f"training.tokenizer_train_chars must be positive, got {t.tokenizer_train_chars}"
-        )
+        raise ValueError(f"training.tokenizer_train_chars must be positive, got {t.tokenizer_train_chars}")
     # Last: reading the files is the one check here that costs more than a lookup.
-    files = [f for name, path, _ in sources if name == "text_files"
-             for f in text_files(Path(path).expanduser())]
+    files = [f for name, path, _ in sources if name == "text_files" for f in text_files(Path(path).expanduser())]
     scan_files(list(dict.fromkeys(files)), t.encoding)

@@ -78,8 +78,7 @@ def _all_records(lines: list[str]) -> bool:
     except json.JSONDecodeError:
         return False
     # A line such as `1, 2` parses as two elements: the count catches it.
-    return len(records) == len(lines) and all(
-        isinstance(r, dict) and isinstance(r.get("text"), str) for r in records)
+    return len(records) == len(lines) and all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in records)
 
 
 class _Region:
@@ -136,9 +135,14 @@ def scan_region(path: Path, encoding: str, start: int, size: int) -> int:
                 text = decoder.decode(chunk if nul < 0 else chunk[:nul], final=at_eof and nul < 0)
             except UnicodeDecodeError as e:
                 at = max(0, e.start - pending)
-                region.fail(chunk, pos, at, f"byte 0x{chunk[at]:02x} at column {{column}} is not "
-                            f"valid {encoding}: set training.encoding to the files' encoding, or "
-                            "convert them")
+                region.fail(
+                    chunk,
+                    pos,
+                    at,
+                    f"byte 0x{chunk[at]:02x} at column {{column}} is not "
+                    f"valid {encoding}: set training.encoding to the files' encoding, or "
+                    "convert them",
+                )
             if nul >= 0:
                 region.fail(chunk, pos, nul, "NUL byte at column {column}: binary content, not text")
             if jsonl:
@@ -198,5 +202,6 @@ def scan_files(files: list[Path], encoding: str) -> None:
         reduced += budget < FULL_SCAN_BYTES
         total += scan_file(path, encoding, budget)
     note = f"; {reduced} checked in their first {SAMPLE_BYTES // 1024} KiB only" if reduced else ""
-    logger.info(f"scanned {len(files)} data files ({total / 2**20:.1f} MiB read) in "
-                f"{time.perf_counter() - started:.2f} s{note}")
+    logger.info(
+        f"scanned {len(files)} data files ({total / 2**20:.1f} MiB read) in {time.perf_counter() - started:.2f} s{note}"
+    )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from torchtitan.components.tokenizer import build_hf_tokenizer, HuggingFaceTokenizer
+from torchtitan.components.tokenizer import HuggingFaceTokenizer, build_hf_tokenizer
 from torchtitan.config import JobConfig
 from torchtitan.tools.logging import logger
 

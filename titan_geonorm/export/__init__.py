@@ -41,16 +41,27 @@ from titan_geonorm.export.load import (  # noqa: E402
 )
 from titan_geonorm.export.mapping import Target, block_of, from_hf, select_target, to_hf  # noqa: E402
 
-__all__ = ["DTYPES", "Target", "export_checkpoint", "export_state_dict", "import_state_dict",
-           "import_to_dcp"]
+__all__ = ["DTYPES", "Target", "export_checkpoint", "export_state_dict", "import_state_dict", "import_to_dcp"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # config.json entries that must equal the configured model's on import (shapes alone miss them).
 _CHECKED_CONFIG_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "rms_norm_eps", "norm_eps", "rope_parameters", "rope_theta",
-    "block", "norm_type", "norm_bias", "embedding_norm",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "norm_eps",
+    "rope_parameters",
+    "rope_theta",
+    "block",
+    "norm_type",
+    "norm_bias",
+    "embedding_norm",
 )
 
 
@@ -71,10 +82,16 @@ def _intermediate_size(shapes: dict) -> int:
     return shapes["layers.0.feed_forward.w1.weight"][0]
 
 
-def export_state_dict(state_dict: dict[str, torch.Tensor], args, output: str | Path,
-                      tokenizer_dir: str | Path, dtype: str = "float32",
-                      max_shard_size: int | str = "5GB", overwrite: bool = False,
-                      inputs: list[Path] = ()) -> Target:
+def export_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    args,
+    output: str | Path,
+    tokenizer_dir: str | Path,
+    dtype: str = "float32",
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    inputs: list[Path] = (),
+) -> Target:
     """Write the HF folder of a training-model state dict (full tensors) with model args `args`;
     `inputs` are folders the output must not be or contain (besides `tokenizer_dir`)."""
     torch_dtype = _torch_dtype(dtype)
@@ -86,14 +103,19 @@ def export_state_dict(state_dict: dict[str, torch.Tensor], args, output: str | P
     shapes = {k: v.shape for k, v in state_dict.items()}
     config = hf_config(target, args, _intermediate_size(shapes), bos_id, eos_id, torch_dtype)
     with atomic_folder(output, overwrite, inputs) as folder:
-        write_hf_folder(folder, target, config, to_hf(target, cast, args), Path(tokenizer_dir),
-                        max_shard_size)
+        write_hf_folder(folder, target, config, to_hf(target, cast, args), Path(tokenizer_dir), max_shard_size)
     return target
 
 
-def export_checkpoint(config_file: str | Path, checkpoint: str | Path, output: str | Path,
-                      dtype: str = "float32", overrides: list[str] = (),
-                      max_shard_size: int | str = "5GB", overwrite: bool = False) -> Target:
+def export_checkpoint(
+    config_file: str | Path,
+    checkpoint: str | Path,
+    output: str | Path,
+    dtype: str = "float32",
+    overrides: list[str] = (),
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+) -> Target:
     """Export the DCP checkpoint folder `checkpoint` of a run configured by `config_file`."""
     _torch_dtype(dtype)
     check_output(Path(output), overwrite, [Path(checkpoint)])
@@ -103,8 +125,9 @@ def export_checkpoint(config_file: str | Path, checkpoint: str | Path, output: s
     block_of(args)
     state_dict = load_checkpoint(checkpoint, model_shapes(model_cls, args))
     tokenizer_dir = tokenizer_folder(job_config, checkpoint)
-    return export_state_dict(state_dict, args, output, tokenizer_dir, dtype, max_shard_size,
-                             overwrite, [Path(checkpoint)])
+    return export_state_dict(
+        state_dict, args, output, tokenizer_dir, dtype, max_shard_size, overwrite, [Path(checkpoint)]
+    )
 
 
 def _check_config(found: dict, expected: dict, folder: Path) -> None:
@@ -136,8 +159,13 @@ def import_state_dict(hf_folder: str | Path, model_cls, args) -> dict[str, torch
     return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
-def import_to_dcp(config_file: str | Path, hf_folder: str | Path, output: str | Path,
-                  overrides: list[str] = (), overwrite: bool = False) -> Target:
+def import_to_dcp(
+    config_file: str | Path,
+    hf_folder: str | Path,
+    output: str | Path,
+    overrides: list[str] = (),
+    overwrite: bool = False,
+) -> Target:
     """Convert an exported HF folder back to a model-only DCP checkpoint of the configured model
     (fp32 weights), loadable by torchtitan with `--checkpoint.initial_load_path OUTPUT
     --checkpoint.initial_load_model_only`."""

@@ -37,8 +37,14 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_titan_geonorm.TitanGeoNormForCausalLM",
 }
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
 )
 INDEX_FILE = "model.safetensors.index.json"
 MODEL_TYPES = {"llama": Target.LLAMA, "glm4": Target.GLM4, "titan_geonorm": Target.CUSTOM}
@@ -90,22 +96,38 @@ def _llama3_rope(args: TransformerModelArgs, **extra) -> dict:
     )
 
 
-def hf_config(target: Target, args: TransformerModelArgs, intermediate_size: int,
-              bos_id: int | None, eos_id: int | None, dtype: torch.dtype) -> PretrainedConfig:
+def hf_config(
+    target: Target,
+    args: TransformerModelArgs,
+    intermediate_size: int,
+    bos_id: int | None,
+    eos_id: int | None,
+    dtype: torch.dtype,
+) -> PretrainedConfig:
     """The config of the target class describing exactly the training model `args`."""
     common = _shape_kwargs(args, intermediate_size, bos_id, eos_id, dtype)
     head_dim = args.dim // args.n_heads
     common["architectures"] = [ARCHITECTURES[target]]
     if target == Target.LLAMA:
         return LlamaConfig(
-            **common, head_dim=head_dim, hidden_act="silu", rms_norm_eps=args.norm_eps,
-            rope_parameters=_llama3_rope(args), attention_bias=False, mlp_bias=False,
+            **common,
+            head_dim=head_dim,
+            hidden_act="silu",
+            rms_norm_eps=args.norm_eps,
+            rope_parameters=_llama3_rope(args),
+            attention_bias=False,
+            mlp_bias=False,
         )
     if target == Target.GLM4:
         return Glm4Config(
-            **common, head_dim=head_dim, hidden_act="silu", rms_norm_eps=args.norm_eps,
+            **common,
+            head_dim=head_dim,
+            hidden_act="silu",
+            rms_norm_eps=args.norm_eps,
             rope_parameters=_llama3_rope(args, partial_rotary_factor=1.0),
-            partial_rotary_factor=1.0, attention_bias=False, pad_token_id=None,
+            partial_rotary_factor=1.0,
+            attention_bias=False,
+            pad_token_id=None,
         )
     scaling = args.rope_scaling_args
     config = TitanGeoNormConfig(
@@ -134,8 +156,10 @@ def write_weights(state_dict: dict[str, torch.Tensor], folder: Path, max_shard_s
     for filename, names in split.filename_to_tensors.items():
         shard = {name: state_dict[name].contiguous() for name in names}
         save_file(shard, str(folder / filename), metadata={"format": "pt"})
-    index = {"metadata": {"total_size": split.metadata["total_size"]},
-             "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+    index = {
+        "metadata": {"total_size": split.metadata["total_size"]},
+        "weight_map": dict(sorted(split.tensor_to_filename.items())),
+    }
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -181,8 +205,7 @@ def _replace_folder(new: Path, folder: Path) -> None:
 
 
 @contextmanager
-def atomic_folder(folder: str | Path, overwrite: bool = False,
-                  inputs: Iterable[Path] = ()) -> Iterator[Path]:
+def atomic_folder(folder: str | Path, overwrite: bool = False, inputs: Iterable[Path] = ()) -> Iterator[Path]:
     """A fresh temporary folder beside `folder` to write into; when the block ends without error it
     replaces `folder` (see `check_output` for what is refused), on any error it is deleted and
     `folder` is left as it was."""
@@ -202,14 +225,20 @@ def atomic_folder(folder: str | Path, overwrite: bool = False,
         raise
 
 
-def write_hf_folder(folder: Path, target: Target, config: PretrainedConfig,
-                    state_dict: dict[str, torch.Tensor], tokenizer_dir: Path,
-                    max_shard_size: int | str = "5GB") -> None:
+def write_hf_folder(
+    folder: Path,
+    target: Target,
+    config: PretrainedConfig,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer_dir: Path,
+    max_shard_size: int | str = "5GB",
+) -> None:
     """Write the folder's files into the existing folder `folder` (see `atomic_folder`);
     `state_dict` is already in the target's names and dtype."""
     config.save_pretrained(str(folder))
     GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
         pad_token_id=config.eos_token_id,
     ).save_pretrained(str(folder))
     write_weights(state_dict, folder, max_shard_size)

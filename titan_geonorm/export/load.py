@@ -63,16 +63,22 @@ def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Siz
     `found` than the model described by the config."""
     missing = [k for k in expected if k not in found]
     if missing:
-        raise ValueError(f"{source} lacks weight {missing[0]!r} of the configured model "
-                         f"({len(missing)} missing): wrong [model] name/flavor or options?")
+        raise ValueError(
+            f"{source} lacks weight {missing[0]!r} of the configured model "
+            f"({len(missing)} missing): wrong [model] name/flavor or options?"
+        )
     unexpected = [k for k in found if k not in expected]
     if unexpected:
-        raise ValueError(f"{source} has weight {unexpected[0]!r} that the configured model lacks "
-                         f"({len(unexpected)} unexpected): wrong [model] name/flavor or options?")
+        raise ValueError(
+            f"{source} has weight {unexpected[0]!r} that the configured model lacks "
+            f"({len(unexpected)} unexpected): wrong [model] name/flavor or options?"
+        )
     for key, shape in expected.items():
         if tuple(found[key]) != tuple(shape):
-            raise ValueError(f"{source}: weight {key!r} has shape {tuple(found[key])}, the configured "
-                             f"model expects {tuple(shape)}: wrong [model] flavor?")
+            raise ValueError(
+                f"{source}: weight {key!r} has shape {tuple(found[key])}, the configured "
+                f"model expects {tuple(shape)}: wrong [model] flavor?"
+            )
 
 
 def check_trained_as(job_config, path: str | Path) -> None:
@@ -91,8 +97,7 @@ def checkpoint_tensors(path: str | Path) -> dict[str, TensorStorageMetadata]:
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(
-            f"{path} is not a DCP checkpoint (no .metadata): pass a step folder such as "
-            "<dump_folder>/checkpoint/step-N"
+            f"{path} is not a DCP checkpoint (no .metadata): pass a step folder such as <dump_folder>/checkpoint/step-N"
         )
     damage = checkpoint_damage(str(path))
     if damage is not None:
@@ -131,8 +136,10 @@ def tokenizer_folder(job_config, checkpoint: str | Path) -> Path:
 
     assets = job_config.model.hf_assets_path
     candidates = [Path(assets)] if assets else []
-    candidates += [Path(checkpoint).resolve().parent.parent / "tokenizer",
-                   Path(job_config.job.dump_folder) / "tokenizer"]
+    candidates += [
+        Path(checkpoint).resolve().parent.parent / "tokenizer",
+        Path(job_config.job.dump_folder) / "tokenizer",
+    ]
     for folder in candidates:
         if has_tokenizer(folder):
             return folder

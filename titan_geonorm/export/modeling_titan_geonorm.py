@@ -93,8 +93,7 @@ class TitanGeoNormConfig(PretrainedConfig):
         if geonorm_radius not in GEONORM_RADII:
             raise ValueError(f"geonorm_radius must be one of {GEONORM_RADII}, got {geonorm_radius!r}")
         if geonorm_update_map not in GEONORM_UPDATE_MAPS:
-            raise ValueError(
-                f"geonorm_update_map must be one of {GEONORM_UPDATE_MAPS}, got {geonorm_update_map!r}")
+            raise ValueError(f"geonorm_update_map must be one of {GEONORM_UPDATE_MAPS}, got {geonorm_update_map!r}")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -163,8 +162,17 @@ def build_norm(config: TitanGeoNormConfig) -> nn.Module:
     return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
 
 
-def geodesic_step(h, u, step, theta_max: float, center: bool, bias=0.0, radius: str = "sphere",
-                  update_map: str = "exp", theta_base_max: float = math.inf) -> torch.Tensor:
+def geodesic_step(
+    h,
+    u,
+    step,
+    theta_max: float,
+    center: bool,
+    bias=0.0,
+    radius: str = "sphere",
+    update_map: str = "exp",
+    theta_base_max: float = math.inf,
+) -> torch.Tensor:
     """The forward of `titan_geonorm.geonorm.geodesic_step`, op for op.
 
     With u = c h + v (v orthogonal to h), ratio = ||v||/||h||:
@@ -191,8 +199,7 @@ def geodesic_step(h, u, step, theta_max: float, center: bool, bias=0.0, radius: 
     if update_map == "retraction":
         theta = torch.atan2(ratio, one_c)
         series = (one_c > 0) & (ratio < _SERIES * one_c.abs())
-        base = torch.where(series, 1 / one_c.abs().clamp_min(_MIN_SQ_NORM),
-                           theta / ratio.clamp_min(_MIN_SQ_NORM))
+        base = torch.where(series, 1 / one_c.abs().clamp_min(_MIN_SQ_NORM), theta / ratio.clamp_min(_MIN_SQ_NORM))
         if not math.isinf(theta_base_max):
             clamped = theta > theta_base_max
             theta = torch.where(clamped, theta_base_max, theta)
@@ -262,8 +269,9 @@ class GeodesicStep(nn.Module):
     def forward(self, h, u):
         a = self.step_init if self.step is None else self.step
         bias = 0.0 if self.bias is None else self.bias * self.decay
-        return geodesic_step(h, u, a * self.decay, self.theta_max, self.center, bias, self.radius,
-                             self.update_map, self.theta_base_max)
+        return geodesic_step(
+            h, u, a * self.decay, self.theta_max, self.center, bias, self.radius, self.update_map, self.theta_base_max
+        )
 
 
 class Attention(nn.Module):
@@ -296,7 +304,12 @@ class Attention(nn.Module):
             xk, xv = cache.update(xk, xv, self.layer_idx)
         # Without a cached prefix or padding this is exactly the training call (is_causal).
         out = F.scaled_dot_product_attention(
-            xq, xk, xv, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
+            xq,
+            xk,
+            xv,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.softmax_scale,
             enable_gqa=self.n_heads > self.n_kv_heads,
         )
         return self.wo(out.transpose(1, 2).contiguous().view(bs, seqlen, -1))
@@ -460,8 +473,13 @@ class GeoNormBlock(Block):
         return self.ffn_step(h, self.feed_forward(self.ffn_norm(h)))
 
 
-BLOCK_CLASSES = {"pre": PreLNBlock, "post": PostLNBlock, "peri": PeriLNBlock, "geonorm": GeoNormBlock,
-                 "ngpt": NGPTBlock}
+BLOCK_CLASSES = {
+    "pre": PreLNBlock,
+    "post": PostLNBlock,
+    "peri": PeriLNBlock,
+    "geonorm": GeoNormBlock,
+    "ngpt": NGPTBlock,
+}
 
 
 def attention_mask_for(attention_mask, q_len: int, kv_len: int, device) -> torch.Tensor | None:
@@ -473,7 +491,7 @@ def attention_mask_for(attention_mask, q_len: int, kv_len: int, device) -> torch
     if attention_mask is None and q_len == kv_len:
         return None
     slots = torch.arange(kv_len, device=device)
-    visible = (slots[None, :] <= slots[kv_len - q_len:, None])[None]
+    visible = (slots[None, :] <= slots[kv_len - q_len :, None])[None]
     if attention_mask is not None:
         visible = visible & attention_mask[:, None, -kv_len:].bool()
     # A padding query sees no key at all; let it see itself so SDPA returns no NaN.
@@ -541,16 +559,14 @@ class TitanGeoNormModel(TitanGeoNormPreTrainedModel):
             h = project_to_sphere(h, geonorm_centered(self.config))
         return h
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + input_ids.shape[1], device=input_ids.device)
             position_ids = position_ids[None].expand(input_ids.shape[0], -1)
-        mask = attention_mask_for(attention_mask, input_ids.shape[1], past_len + input_ids.shape[1],
-                                  input_ids.device)
+        mask = attention_mask_for(attention_mask, input_ids.shape[1], past_len + input_ids.shape[1], input_ids.device)
         rotations = rope_rotations(self.config, position_ids)
         h = self.embed(input_ids)
         cache = past_key_values if use_cache else None
@@ -581,17 +597,24 @@ class TitanGeoNormForCausalLM(TitanGeoNormPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=None, labels=None, cache=None, **kwargs):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=None,
+        labels=None,
+        cache=None,
+        **kwargs,
+    ):
         """`cache` is what `generate()` passes from transformers 5 on (`past_key_values` before): a
         cache left unread would make every decode step see only its own token."""
         use_cache = self.config.use_cache if use_cache is None else use_cache
         past_key_values = cache if cache is not None else past_key_values
-        h, past_key_values = self.model(input_ids, attention_mask, position_ids, past_key_values,
-                                        use_cache)
+        h, past_key_values = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
-        return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)

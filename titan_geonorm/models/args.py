@@ -10,6 +10,7 @@ from titan_geonorm.geonorm import decay
 from titan_geonorm.models.blocks import BlockVariant
 from titan_geonorm.models.config import GeoNormConfig
 
+
 @dataclass
 class VariantModelArgs(TransformerModelArgs):
     """Llama3 args + block variant. Field defaults equal the TOML defaults."""
@@ -29,8 +30,7 @@ class VariantModelArgs(TransformerModelArgs):
         for section in ("geonorm", "peri_ln"):
             if not hasattr(job_config, section):
                 raise ValueError(
-                    f"[{section}] is missing from the job config: set "
-                    'job.custom_config_module = "titan_geonorm.config"'
+                    f'[{section}] is missing from the job config: set job.custom_config_module = "titan_geonorm.config"'
                 )
         self.norm_type = job_config.model.norm_type
         self.norm_bias = job_config.model.norm_bias

@@ -238,8 +238,13 @@ class NGPTBlock(VariantBlock):
     spec_name = "llama3_ngpt"
     # Weight -> its embedding (model) dimension: the dimension its slices are normalized along.
     EMBEDDING_DIM: ClassVar[dict[str, int]] = {
-        "attention.wq": 1, "attention.wk": 1, "attention.wv": 1, "attention.wo": 0,
-        "feed_forward.w1": 1, "feed_forward.w3": 1, "feed_forward.w2": 0,
+        "attention.wq": 1,
+        "attention.wk": 1,
+        "attention.wv": 1,
+        "attention.wo": 0,
+        "feed_forward.w1": 1,
+        "feed_forward.w3": 1,
+        "feed_forward.w2": 0,
     }
 
     def __init__(self, layer_id: int, args: VariantModelArgs):
@@ -312,8 +317,14 @@ class GeoNormBlock(VariantBlock):
             self.ffn_norm = Gain(args.dim, _gain_bias(args))
         self.attention_step, self.ffn_step = (
             GeodesicStep(
-                decay, cfg.step_init, cfg.learnable_step, cfg.theta_max, _centered(args),
-                learnable_bias=cfg.learnable_bias, radius=cfg.radius, update_map=cfg.update_map,
+                decay,
+                cfg.step_init,
+                cfg.learnable_step,
+                cfg.theta_max,
+                _centered(args),
+                learnable_bias=cfg.learnable_bias,
+                radius=cfg.radius,
+                update_map=cfg.update_map,
                 theta_base_max=cfg.theta_base_max,
             )
             for decay in args.step_decays(layer_id)

@@ -28,8 +28,7 @@ class ModelExtras:
     """LayerNorm bias (ignored for rmsnorm)."""
 
     def validate(self) -> None:
-        require(self.norm_type in NORM_TYPES, "model.norm_type", self.norm_type,
-                f"expected one of {NORM_TYPES}")
+        require(self.norm_type in NORM_TYPES, "model.norm_type", self.norm_type, f"expected one of {NORM_TYPES}")
         require_bool(self, "model", "norm_bias")
 
 
@@ -86,19 +85,25 @@ class GeoNormConfig:
 
     def validate(self) -> None:
         require(self.radius in RADII, "geonorm.radius", self.radius, f"expected one of {RADII}")
-        require(self.update_map in UPDATE_MAPS, "geonorm.update_map", self.update_map,
-                f"expected one of {UPDATE_MAPS}")
+        require(self.update_map in UPDATE_MAPS, "geonorm.update_map", self.update_map, f"expected one of {UPDATE_MAPS}")
         for key in ("attn_decay", "ffn_decay"):
             value = getattr(self, key)
             require(value in DECAY_SCHEDULES, f"geonorm.{key}", value, f"expected one of {DECAY_SCHEDULES}")
-        require(self.decay_index in DECAY_INDICES, "geonorm.decay_index", self.decay_index,
-                f"expected one of {DECAY_INDICES}")
+        require(
+            self.decay_index in DECAY_INDICES,
+            "geonorm.decay_index",
+            self.decay_index,
+            f"expected one of {DECAY_INDICES}",
+        )
         require_bool(self, "geonorm", "learnable_step")
         require_bool(self, "geonorm", "learnable_bias")
-        require(math.isfinite(self.step_init) and self.step_init > 0, "geonorm.step_init",
-                self.step_init, "must be a finite number > 0")
-        require(self.theta_base_max > 0, "geonorm.theta_base_max", self.theta_base_max,
-                "must be > 0 (inf: no clamp)")
+        require(
+            math.isfinite(self.step_init) and self.step_init > 0,
+            "geonorm.step_init",
+            self.step_init,
+            "must be a finite number > 0",
+        )
+        require(self.theta_base_max > 0, "geonorm.theta_base_max", self.theta_base_max, "must be > 0 (inf: no clamp)")
         require(0 < self.theta_max <= math.pi, "geonorm.theta_max", self.theta_max, "must be in (0, pi]")
 
 

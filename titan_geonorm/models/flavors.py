@@ -22,12 +22,24 @@ _EXTRA = {
     "125M": dict(dim=768, n_layers=12, n_heads=12, vocab_size=128256, rope_theta=500000),
     "350M": dict(dim=1024, n_layers=24, n_heads=16, vocab_size=128256, rope_theta=500000),
     "1B": dict(
-        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5,
-        multiple_of=256, vocab_size=128256, rope_theta=500000,
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_dim_multiplier=1.5,
+        multiple_of=256,
+        vocab_size=128256,
+        rope_theta=500000,
     ),
     "3B": dict(
-        dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim_multiplier=1.0,
-        multiple_of=256, vocab_size=128256, rope_theta=500000,
+        dim=3072,
+        n_layers=28,
+        n_heads=24,
+        n_kv_heads=8,
+        ffn_dim_multiplier=1.0,
+        multiple_of=256,
+        vocab_size=128256,
+        rope_theta=500000,
     ),
 }
 
@@ -44,8 +56,18 @@ def flavor_kwargs() -> dict[str, dict]:
         out[name] = {
             f.name: getattr(args, f.name)
             for f in fields(TransformerModelArgs)
-            if f.name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
-                          "multiple_of", "ffn_dim_multiplier", "rope_theta", "norm_eps")
+            if f.name
+            in (
+                "dim",
+                "n_layers",
+                "n_heads",
+                "n_kv_heads",
+                "vocab_size",
+                "multiple_of",
+                "ffn_dim_multiplier",
+                "rope_theta",
+                "norm_eps",
+            )
         }
     out.update(_EXTRA)
     return out

@@ -32,9 +32,7 @@ class VariantTransformer(Transformer):
         self.tok_embeddings = nn.Embedding(model_args.vocab_size, model_args.dim)
         self.register_buffer("freqs_cis", self._precompute_freqs_cis(), persistent=False)
         self.block_cls = BLOCKS[model_args.block]
-        self.layers = nn.ModuleDict(
-            {str(i): self.block_cls(i, model_args) for i in range(model_args.n_layers)}
-        )
+        self.layers = nn.ModuleDict({str(i): self.block_cls(i, model_args) for i in range(model_args.n_layers)})
         self.emb_norm = self.block_cls.embedding_norm(model_args)
         self.norm = self.block_cls.final_norm(model_args)
         self.output = nn.Linear(model_args.dim, model_args.vocab_size, bias=False)

@@ -486,9 +486,7 @@ def stiefel_direction(
     raise ValueError(f"stiefel solver must be one of {STIEFEL_SOLVERS}, got {settings.stiefel_solver!r}")
 
 
-def dgram_direction(
-    w: torch.Tensor, g: torch.Tensor, dual: torch.Tensor | None, settings: StepSettings
-) -> StepResult:
+def dgram_direction(w: torch.Tensor, g: torch.Tensor, dual: torch.Tensor | None, settings: StepSettings) -> StepResult:
     """The DGram direction at tall W by `settings.dgram_solver`, exactly tangent either way."""
     result = StepResult()
     if settings.dgram_solver == "stiefel_repair":

@@ -155,14 +155,20 @@ class ManifoldMuon(torch.optim.Optimizer):
         for (geometry, vector), params in by_group.items():
             if geometry == "adamw":
                 decay = 0.0 if vector else weight_decay
-                groups.append(dict(params=params, geometry=geometry, lr=lr, betas=tuple(betas), eps=eps,
-                                   weight_decay=decay))
+                groups.append(
+                    dict(params=params, geometry=geometry, lr=lr, betas=tuple(betas), eps=eps, weight_decay=decay)
+                )
             else:
-                groups.append(dict(
-                    params=params, geometry=geometry, lr=getattr(config, f"{geometry}_lr"),
-                    momentum=config.momentum, nesterov=config.nesterov,
-                    weight_decay=config.muon_weight_decay if geometry == "muon" else 0.0,
-                ))
+                groups.append(
+                    dict(
+                        params=params,
+                        geometry=geometry,
+                        lr=getattr(config, f"{geometry}_lr"),
+                        momentum=config.momentum,
+                        nesterov=config.nesterov,
+                        weight_decay=config.muon_weight_decay if geometry == "muon" else 0.0,
+                    )
+                )
         super().__init__(groups, {})
         self._names = names
         dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[config.msign_dtype]
@@ -170,8 +176,14 @@ class ManifoldMuon(torch.optim.Optimizer):
             muon_scale=config.muon_scale,
             muon=MsignSettings(config.msign_method, config.msign_steps, dtype),
             closed_form=MsignSettings("polar_express", config.closed_form_steps, dtype),
-            dual=DualSettings(config.dual_steps, config.dual_alpha, config.dual_tol, config.normalize_g,
-                              config.dual_iterate, config.dgram_metric),
+            dual=DualSettings(
+                config.dual_steps,
+                config.dual_alpha,
+                config.dual_tol,
+                config.normalize_g,
+                config.dual_iterate,
+                config.dgram_metric,
+            ),
             dual_orth=MsignSettings(config.msign_method, config.dual_msign_steps, dtype),
             retraction=MsignSettings("polar_express", config.retraction_steps, dtype),
             stiefel_solver=config.stiefel_solver,
@@ -219,9 +231,7 @@ class ManifoldMuon(torch.optim.Optimizer):
                 f"share geometry {group['geometry']!r} with the rest of the QKV projection"
             )
         params = [parts[leaf] for leaf in _QKV]
-        layouts = {
-            (p.device_mesh, tuple(p.placements)) if isinstance(p, DTensor) else None for p in params
-        }
+        layouts = {(p.device_mesh, tuple(p.placements)) if isinstance(p, DTensor) else None for p in params}
         if len(layouts) != 1 or len({p.shape[1] for p in params}) != 1:
             got = [(tuple(p.shape), getattr(p, "placements", None)) for p in params]
             raise ValueError(
@@ -370,9 +380,19 @@ class ManifoldMuon(torch.optim.Optimizer):
             return
         beta1, beta2 = group["betas"]
         adamw(
-            params, grads, exp_avgs, exp_avg_sqs, [], steps,
-            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
         )
 
     def _step_plan(self, plan: _MeshPlan) -> None:

@@ -33,9 +33,9 @@ _POLAR_EXPRESS_RAW = (
     (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
     (1.875, -1.25, 0.375),
 )
-POLAR_EXPRESS_COEFFS = tuple(
-    (a / _SAFETY, b / _SAFETY**3, c / _SAFETY**5) for a, b, c in _POLAR_EXPRESS_RAW[:-1]
-) + (_POLAR_EXPRESS_RAW[-1],)
+POLAR_EXPRESS_COEFFS = tuple((a / _SAFETY, b / _SAFETY**3, c / _SAFETY**5) for a, b, c in _POLAR_EXPRESS_RAW[:-1]) + (
+    _POLAR_EXPRESS_RAW[-1],
+)
 
 MSIGN_METHODS = ("polar_express", "jordan")
 

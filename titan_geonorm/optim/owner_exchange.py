@@ -61,9 +61,7 @@ class ShardRect:
 
     def index(self, device: torch.device) -> tuple:
         """Index of the rectangle into the global tensor: `full[rect.index(device)]`."""
-        rows, cols = (
-            torch.tensor(x, device=device) if isinstance(x, list) else x for x in (self.rows, self.cols)
-        )
+        rows, cols = (torch.tensor(x, device=device) if isinstance(x, list) else x for x in (self.rows, self.cols))
         if isinstance(rows, torch.Tensor) and isinstance(cols, torch.Tensor):
             rows = rows[:, None]
         return rows, cols
@@ -93,8 +91,10 @@ def local_rect(like: torch.Tensor, shape: tuple[int, int], placements=None) -> S
         # Sharding on `dim` becomes the same sharding of a 1-D tensor; any other placement
         # leaves `dim` whole.
         layout = [
-            _StridedShard(0, split_factor=p.split_factor) if isinstance(p, _StridedShard) and p.dim == dim
-            else Shard(0) if isinstance(p, Shard) and p.dim == dim
+            _StridedShard(0, split_factor=p.split_factor)
+            if isinstance(p, _StridedShard) and p.dim == dim
+            else Shard(0)
+            if isinstance(p, Shard) and p.dim == dim
             else Replicate()
             for p in placements
         ]
@@ -160,9 +160,7 @@ class OwnerExchange:
         if self.group is None:
             return chunks
         out = like.new_empty(sum(recv_sizes))
-        dist.all_to_all_single(
-            out, torch.cat(chunks), recv_sizes, [c.numel() for c in chunks], group=self.group
-        )
+        dist.all_to_all_single(out, torch.cat(chunks), recv_sizes, [c.numel() for c in chunks], group=self.group)
         return list(out.split(recv_sizes))
 
     def _gather_rects(self, items: Sequence[Routed]) -> None:

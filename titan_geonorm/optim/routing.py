@@ -43,9 +43,7 @@ def clean_name(name: str) -> str:
     return name
 
 
-def parse_rules(
-    rules: Iterable[str], key: str = "optimizer.manifold_muon.rules"
-) -> list[tuple[re.Pattern, str]]:
+def parse_rules(rules: Iterable[str], key: str = "optimizer.manifold_muon.rules") -> list[tuple[re.Pattern, str]]:
     """Parse `"regex=geometry"` strings (split at the last `=`); errors name the rule."""
     parsed = []
     for rule in rules:
@@ -54,9 +52,7 @@ def parse_rules(
         if not sep or not pattern:
             raise ValueError(f"{key}: rule {rule!r} is not of the form 'regex=geometry'")
         if geometry not in GEOMETRIES:
-            raise ValueError(
-                f"{key}: rule {rule!r} names unknown geometry {geometry!r}; expected one of {GEOMETRIES}"
-            )
+            raise ValueError(f"{key}: rule {rule!r} names unknown geometry {geometry!r}; expected one of {GEOMETRIES}")
         try:
             parsed.append((re.compile(pattern), geometry))
         except re.error as err:
@@ -66,9 +62,7 @@ def parse_rules(
 
 def preset_rules(preset: str) -> list[tuple[re.Pattern, str]]:
     if preset not in PRESETS:
-        raise ValueError(
-            f"optimizer.manifold_muon.preset: unknown preset {preset!r}; expected one of {tuple(PRESETS)}"
-        )
+        raise ValueError(f"optimizer.manifold_muon.preset: unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
     return [(re.compile(pattern), geometry) for pattern, geometry in PRESETS[preset]]
 
 

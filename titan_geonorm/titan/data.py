@@ -36,9 +36,7 @@ def build_dataloader(
     infinite: bool = True,
 ) -> ParallelAwareDataloader:
     """The training loader; same signature as torchtitan's `build_text_dataloader`."""
-    return build_text_dataloader(
-        dp_world_size, dp_rank, tokenizer, job_config, infinite=infinite, split="train"
-    )
+    return build_text_dataloader(dp_world_size, dp_rank, tokenizer, job_config, infinite=infinite, split="train")
 
 
 class HeldOutValidator(Validator):

@@ -15,6 +15,8 @@ from torchtitan.components.metrics import (
     LoggerContainer,
     MetricsProcessor,
     _get_metrics_rank,
+)
+from torchtitan.components.metrics import (
     build_metrics_processor as build_torchtitan_metrics_processor,
 )
 

@@ -54,7 +54,9 @@ class ManifoldMuonContainer(OptimizersContainer):
         }
 
 
-def build_optimizers(model_parts: list[nn.Module], optimizer_config, parallel_dims, ft_manager=None) -> OptimizersContainer:
+def build_optimizers(
+    model_parts: list[nn.Module], optimizer_config, parallel_dims, ft_manager=None
+) -> OptimizersContainer:
     """torchtitan `build_optimizers_fn`; `optimizer_config` is the merged `[optimizer]` section."""
     if optimizer_config.name == "ManifoldMuon":
         container = _build_manifold_muon(model_parts, optimizer_config, ft_manager)

@@ -40,9 +40,7 @@ from titan_geonorm.titan.patches import (
 )
 
 
-def parallelize_llama3_titan(
-    model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig
-) -> nn.Module:
+def parallelize_llama3_titan(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
     model_cls = type(model)
     model = parallelize_llama(model, parallel_dims, job_config)
     init_shards_like_one_process(model, model_cls)
@@ -75,7 +73,11 @@ def apply_variant_tp(
     if enable_float8_tensorwise_tp:
         from torchao.float8.float8_tensor_parallel import (
             Float8ColwiseParallel as colwise,
+        )
+        from torchao.float8.float8_tensor_parallel import (
             Float8RowwiseParallel as rowwise,
+        )
+        from torchao.float8.float8_tensor_parallel import (
             PrepareFloat8ModuleInput as prepare_input,
         )
     else:
@@ -90,9 +92,7 @@ def apply_variant_tp(
             "attention.wk": colwise(),
             "attention.wv": colwise(),
             "attention.wo": rowwise(output_layouts=Shard(1)),
-            "feed_forward": prepare_input(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
-            ),
+            "feed_forward": prepare_input(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             "feed_forward.w1": colwise(),
             "feed_forward.w2": rowwise(output_layouts=Shard(1)),
             "feed_forward.w3": colwise(),
@@ -103,9 +103,7 @@ def apply_variant_tp(
     logger.info(f"Applied {float8}tensor parallelism to the {model.model_args.block} blocks")
 
 
-def parallelize_variant(
-    model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig
-) -> nn.Module:
+def parallelize_variant(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
     """TP, CP, AC, per-block compile, then FSDP2/HSDP or DDP: torchtitan's llama3 sequence."""
     init_shards_like_one_process(model, type(model))
     if parallel_dims.tp_enabled:

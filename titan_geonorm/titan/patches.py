@@ -204,8 +204,9 @@ def checkpoint_damage(path: str) -> tuple[str, str] | None:
         if not os.path.isfile(file):
             return name, "is missing"
         if os.path.getsize(file) < size:
-            return name, (f"is truncated or unreadable ({os.path.getsize(file)} bytes, the metadata "
-                          f"expects at least {size})")
+            return name, (
+                f"is truncated or unreadable ({os.path.getsize(file)} bytes, the metadata expects at least {size})"
+            )
     return None
 
 
@@ -258,9 +259,11 @@ def disk_full_message(checkpoint_id: str, cause: BaseException) -> str:
         free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
     except OSError:
         free = "free space unknown"
-    return (f"checkpoint {checkpoint_id}: the disk is full ({free}; {type(cause).__name__}: "
-            f"{str(cause).strip()}); this step was not saved and its partial folder can be deleted, "
-            f"{kept}: free space on the disk of {folder} and relaunch to resume")
+    return (
+        f"checkpoint {checkpoint_id}: the disk is full ({free}; {type(cause).__name__}: "
+        f"{str(cause).strip()}); this step was not saved and its partial folder can be deleted, "
+        f"{kept}: free space on the disk of {folder} and relaunch to resume"
+    )
 
 
 _DISK_FULL = "_titan_geonorm_disk_full"
@@ -342,9 +345,7 @@ def init_shards_like_one_process(model: nn.Module, model_cls: type[nn.Module]) -
             for name, param in model.named_parameters():
                 value = reference[clean_name(name)].to(param.dtype)
                 if isinstance(param, DTensor):
-                    value = distribute_tensor(
-                        value, param.device_mesh, param.placements, src_data_rank=None
-                    ).to_local()
+                    value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None).to_local()
                     param = param.to_local()
                 param.copy_(value)
 

@@ -21,7 +21,6 @@ from titan_geonorm.checks import ConfigError, require
 from titan_geonorm.optim.config import ManifoldMuonConfig
 from titan_geonorm.titan.resume import check_resume
 
-
 OPTIMIZERS = ("Adam", "AdamW", "ManifoldMuon")
 # torch versions on which TP + torch.compile was seen failing on CPU (DESIGN.md section 2).
 _COMPILE_TP_BROKEN_ON_CPU = ("2.13.",)
@@ -41,8 +40,7 @@ def check_model(job_config) -> None:
         raise ConfigError(f"model.name = {name!r}: not a registered train spec ({e})") from None
     if flavor not in spec.model_args:
         raise ConfigError(
-            f"model.flavor = {flavor!r}: not a flavor of model.name = {name!r}; "
-            f"choose one of {sorted(spec.model_args)}"
+            f"model.flavor = {flavor!r}: not a flavor of model.name = {name!r}; choose one of {sorted(spec.model_args)}"
         )
 
 
@@ -101,10 +99,7 @@ def check_vocab(job_config) -> None:
         size = job_config.training.tokenizer_vocab_size
         source = f"training.tokenizer_vocab_size = {size}"
     if size > vocab:
-        raise ConfigError(
-            f"{source}, more than the vocab_size {vocab} of model.flavor = "
-            f"{job_config.model.flavor!r}"
-        )
+        raise ConfigError(f"{source}, more than the vocab_size {vocab} of model.flavor = {job_config.model.flavor!r}")
 
 
 def check_stock_model_keys(job_config) -> None:
@@ -114,9 +109,13 @@ def check_stock_model_keys(job_config) -> None:
         return
     m = job_config.model
     for key, value, default in (("norm_type", m.norm_type, "rmsnorm"), ("norm_bias", m.norm_bias, False)):
-        require(value == default, f"model.{key}", value,
-                f"model.name = {m.name!r} (torchtitan's llama3) has RMSNorm without bias only; "
-                "use llama3_preln for the same model with another norm")
+        require(
+            value == default,
+            f"model.{key}",
+            value,
+            f"model.name = {m.name!r} (torchtitan's llama3) has RMSNorm without bias only; "
+            "use llama3_preln for the same model with another norm",
+        )
 
 
 def check_seed_checkpoint(job_config) -> None:
@@ -206,31 +205,50 @@ def check_types(job_config, prefix: str = "") -> None:
 def check_ranges(job_config) -> None:
     """Ranges of the numeric keys torchtitan would otherwise trip over mid-build (or never)."""
     t, o, s = job_config.training, job_config.optimizer, job_config.lr_scheduler
-    for key, value in (("training.steps", t.steps), ("training.local_batch_size", t.local_batch_size),
-                       ("training.seq_len", t.seq_len), ("metrics.log_freq", job_config.metrics.log_freq)):
+    for key, value in (
+        ("training.steps", t.steps),
+        ("training.local_batch_size", t.local_batch_size),
+        ("training.seq_len", t.seq_len),
+        ("metrics.log_freq", job_config.metrics.log_freq),
+    ):
         require(value >= 1, key, value, "must be >= 1")
-    require(t.global_batch_size == -1 or t.global_batch_size >= 1, "training.global_batch_size",
-             t.global_batch_size, "must be -1 (local_batch_size x data-parallel degree) or >= 1")
+    require(
+        t.global_batch_size == -1 or t.global_batch_size >= 1,
+        "training.global_batch_size",
+        t.global_batch_size,
+        "must be -1 (local_batch_size x data-parallel degree) or >= 1",
+    )
     finite = math.isfinite
     require(finite(t.max_norm) and t.max_norm > 0, "training.max_norm", t.max_norm, "must be a finite number > 0")
     require(finite(o.lr) and o.lr >= 0, "optimizer.lr", o.lr, "must be a finite number >= 0")
     require(finite(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "must be a finite number > 0")
-    require(finite(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay,
-            "must be a finite number >= 0")
+    require(
+        finite(o.weight_decay) and o.weight_decay >= 0,
+        "optimizer.weight_decay",
+        o.weight_decay,
+        "must be a finite number >= 0",
+    )
     for key in ("beta1", "beta2"):
         value = getattr(o, key)
         require(0 <= value < 1, f"optimizer.{key}", value, "must be in [0, 1)")
     require(o.name in OPTIMIZERS, "optimizer.name", o.name, f"expected one of {OPTIMIZERS}")
     require(s.warmup_steps >= 0, "lr_scheduler.warmup_steps", s.warmup_steps, "must be >= 0")
-    require(0 <= s.min_lr_factor <= 1, "lr_scheduler.min_lr_factor", s.min_lr_factor,
-             "must be in [0, 1]")
-    require(s.decay_ratio is None or 0 <= s.decay_ratio <= 1, "lr_scheduler.decay_ratio",
-             s.decay_ratio, "must be in [0, 1] or unset")
+    require(0 <= s.min_lr_factor <= 1, "lr_scheduler.min_lr_factor", s.min_lr_factor, "must be in [0, 1]")
+    require(
+        s.decay_ratio is None or 0 <= s.decay_ratio <= 1,
+        "lr_scheduler.decay_ratio",
+        s.decay_ratio,
+        "must be in [0, 1] or unset",
+    )
     c = job_config.checkpoint
     if c.enable:
         require(c.interval >= 1, "checkpoint.interval", c.interval, "must be >= 1")
-        require(c.keep_latest_k == 0 or c.keep_latest_k >= 2, "checkpoint.keep_latest_k",
-                 c.keep_latest_k, "must be 0 (keep all) or >= 2 (the newest may be mid-save)")
+        require(
+            c.keep_latest_k == 0 or c.keep_latest_k >= 2,
+            "checkpoint.keep_latest_k",
+            c.keep_latest_k,
+            "must be 0 (keep all) or >= 2 (the newest may be mid-save)",
+        )
     v = job_config.validation
     # Checked whether or not validation is enabled: torchtitan asserts on them when building.
     require(v.freq >= 1, "validation.freq", v.freq, "must be >= 1")
@@ -278,11 +296,15 @@ def check_combinations(job_config) -> None:
     n_heads = args.n_heads
     n_kv_heads = getattr(args, "n_kv_heads", None) or n_heads
     if n_heads % tp:
-        raise ConfigError(f"parallelism.tensor_parallel_degree = {tp} does not divide the "
-                          f"{n_heads} attention heads of model.flavor = {job_config.model.flavor!r}")
+        raise ConfigError(
+            f"parallelism.tensor_parallel_degree = {tp} does not divide the "
+            f"{n_heads} attention heads of model.flavor = {job_config.model.flavor!r}"
+        )
     if n_kv_heads % tp:
-        raise ConfigError(f"parallelism.tensor_parallel_degree = {tp} does not divide the "
-                          f"{n_kv_heads} key/value heads of model.flavor = {job_config.model.flavor!r}")
+        raise ConfigError(
+            f"parallelism.tensor_parallel_degree = {tp} does not divide the "
+            f"{n_kv_heads} key/value heads of model.flavor = {job_config.model.flavor!r}"
+        )
     divisor = tp * 2 * p.context_parallel_degree
     if t.seq_len % divisor:
         raise ConfigError(
@@ -297,8 +319,12 @@ def check_combinations(job_config) -> None:
             f"training.local_batch_size = {t.local_batch_size} x the data-parallel degree {dp} "
             "(parallelism.data_parallel_shard_degree x parallelism.data_parallel_replicate_degree)"
         )
-    if (job_config.compile.enable and tp > 1 and not torch.cuda.is_available()
-            and torch.__version__.startswith(_COMPILE_TP_BROKEN_ON_CPU)):
+    if (
+        job_config.compile.enable
+        and tp > 1
+        and not torch.cuda.is_available()
+        and torch.__version__.startswith(_COMPILE_TP_BROKEN_ON_CPU)
+    ):
         raise ConfigError(
             f"compile.enable = true with parallelism.tensor_parallel_degree = {tp} is known broken on "
             f"CPU with torch {torch.__version__} (wrong losses or crashes): disable one of them"
@@ -363,6 +389,5 @@ def check_geometry_routing(job_config) -> None:
         assign_geometries(model.named_parameters(), mm.preset, mm.rules)
     except ValueError as e:
         raise ConfigError(
-            f"optimizer.manifold_muon.rules = {mm.rules!r} with optimizer.manifold_muon.preset = "
-            f"{mm.preset!r}: {e}"
+            f"optimizer.manifold_muon.rules = {mm.rules!r} with optimizer.manifold_muon.preset = {mm.preset!r}: {e}"
         ) from None

@@ -32,8 +32,14 @@ from titan_geonorm.config import MODEL_RECORD_KEYS, OPTIMIZER_RESUMABLE
 from titan_geonorm.titan.patches import checkpoint_damage, checkpoint_folders
 
 RECORD_KEY = "titan_geonorm_run"
-OPTIMIZER_KEYS = ("optimizer.name", "optimizer.lr", "optimizer.weight_decay", "optimizer.beta1",
-                  "optimizer.beta2", "optimizer.eps")
+OPTIMIZER_KEYS = (
+    "optimizer.name",
+    "optimizer.lr",
+    "optimizer.weight_decay",
+    "optimizer.beta1",
+    "optimizer.beta2",
+    "optimizer.eps",
+)
 
 
 class CheckpointDamaged(ConfigError):
@@ -134,15 +140,18 @@ def check_resume(job_config) -> None:
         if key in allowed:
             continue
         if key in OPTIMIZER_RESUMABLE:
-            how = (f'use the checkpoint\'s value, or checkpoint.allow_resume_changes = ["{key}"] to '
-                   "apply the new one from this step on")
+            how = (
+                f'use the checkpoint\'s value, or checkpoint.allow_resume_changes = ["{key}"] to '
+                "apply the new one from this step on"
+            )
         elif key.startswith("optimizer."):
-            how = (f"{key} cannot change on resume (the saved optimizer state belongs to the old "
-                   "setting): start a new run from the weights (checkpoint.initial_load_path = "
-                   "this step, checkpoint.initial_load_model_only = true, another job.dump_folder)")
+            how = (
+                f"{key} cannot change on resume (the saved optimizer state belongs to the old "
+                "setting): start a new run from the weights (checkpoint.initial_load_path = "
+                "this step, checkpoint.initial_load_model_only = true, another job.dump_folder)"
+            )
         else:
-            how = (f'use the checkpoint\'s value, a new job.dump_folder, or '
-                   f'checkpoint.allow_resume_changes = ["{key}"]')
+            how = f'use the checkpoint\'s value, a new job.dump_folder, or checkpoint.allow_resume_changes = ["{key}"]'
         raise ConfigError(f"{key} = {value!r}, but the checkpoint {path} was trained with {key} = {old!r}: {how}")
 
 
@@ -152,15 +161,16 @@ def check_export(job_config, path: str) -> None:
     found = mismatches(job_config, read_record(path) or {}, optimizer=False)
     if found:
         key, value, old = found[0]
-        raise ConfigError(f"{key} = {value!r}, but the checkpoint {path} was trained with {key} = "
-                          f"{old!r}: export with the checkpoint's value (its training config)")
+        raise ConfigError(
+            f"{key} = {value!r}, but the checkpoint {path} was trained with {key} = "
+            f"{old!r}: export with the checkpoint's value (its training config)"
+        )
 
 
 def optimizer_settings(optimizers) -> list[list[dict[str, float]]]:
     """Per optimizer and param group, the configured peak lr and weight decay (as the builder and
     the LR schedulers set them), to be taken before a checkpoint load overwrites them."""
-    return [[{"lr": g["initial_lr"], "weight_decay": g["weight_decay"]} for g in o.param_groups]
-            for o in optimizers]
+    return [[{"lr": g["initial_lr"], "weight_decay": g["weight_decay"]} for g in o.param_groups] for o in optimizers]
 
 
 def apply_optimizer_changes(job_config, optimizers, lr_schedulers, settings) -> None:

@@ -45,16 +45,12 @@ VARIANT_SPECS = {cls.spec_name: variant for variant, cls in BLOCKS.items()}
 
 def train_specs() -> dict[str, TrainSpec]:
     specs = {
-        "llama3_titan": make_train_spec(
-            Transformer, make_flavors(), parallelize_llama3_titan, Llama3StateDictAdapter
-        ),
+        "llama3_titan": make_train_spec(Transformer, make_flavors(), parallelize_llama3_titan, Llama3StateDictAdapter),
     }
     for name, block in VARIANT_SPECS.items():
         # Only Pre-LN has llama3's HF layout, which the adapter's q/k permutation assumes.
         adapter = Llama3StateDictAdapter if block == BlockVariant.PRE else None
-        specs[name] = make_train_spec(
-            VariantTransformer, variant_flavors(block), parallelize_variant, adapter
-        )
+        specs[name] = make_train_spec(VariantTransformer, variant_flavors(block), parallelize_variant, adapter)
     return specs
 
 

@@ -35,6 +35,7 @@ from titan_geonorm.titan.resume import (
     optimizer_settings,
 )
 
+
 class DivergenceError(RuntimeError):
     """A step produced a non-finite loss or gradient and `[divergence] action` says stop."""
 
@@ -178,9 +179,7 @@ class GeoNormTrainer(Trainer):
             self.optimizers.zero_grad()
             self.skipped_steps += 1
             logger.warning(f"Divergence guard: {skip}")
-            self.metrics_processor.logger.log(
-                {"divergence/skipped_steps": self.skipped_steps}, self.step
-            )
+            self.metrics_processor.logger.log({"divergence/skipped_steps": self.skipped_steps}, self.step)
         if self.diagnostics is not None:
             metrics = self.diagnostics.end(self.step, self.optimizers)
             if metrics:
