@@ -2,7 +2,6 @@
 
 import json
 import platform
-import time
 
 import pytest
 
@@ -10,16 +9,13 @@ import titan_geonorm.data.corpus as corpus
 from titan_geonorm.data.corpus import build_documents, embedded_corpus_path, stdlib_sources
 
 
-def test_deterministic_sized_and_fast(tmp_path, pytestconfig):
+def test_deterministic_and_sized(tmp_path, pytestconfig):
     # The session's shared copy may come from an earlier process: equal bytes = deterministic.
     shared = embedded_corpus_path(pytestconfig.cache.mkdir("titan_geonorm_corpus"))
-    start = time.perf_counter()
     first = embedded_corpus_path(tmp_path)
-    elapsed = time.perf_counter() - start
     data = first.read_bytes()
     assert data == shared.read_bytes()
     assert 1_000_000 < len(data) < 10_000_000
-    assert elapsed < 15.0, f"building the corpus took {elapsed:.1f} s"
     docs = [json.loads(line)["text"] for line in data.decode().splitlines()]
     assert len(docs) > 300 and len(set(docs)) == len(docs) and all(docs)
     # English prose, not code: common words dominate.
