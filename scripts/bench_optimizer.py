@@ -16,6 +16,10 @@ stays meaningful when other processes share the cores), dual iterations, tangent
     python scripts/bench_optimizer.py --shapes 256x256,1024x256 [--llama8b] [--model] [--json out.json]
 """
 
+# isort: off
+import titan_geonorm.titan.launcher  # noqa: F401  (applies the CPU patches, which must precede torchtitan)
+
+# isort: on
 import argparse
 import json
 import os
@@ -29,7 +33,6 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 
-import titan_geonorm  # noqa: F401  (CPU patches must precede torchtitan's import)
 from titan_geonorm.optim.config import ManifoldMuonConfig
 from titan_geonorm.optim.geometries import (
     GEOMETRIES,

@@ -9,6 +9,10 @@ reported ratio is the median over rounds of (variant time / Pre-LN time in the s
         [--norm-type rmsnorm] [--modes eager,compiled] [--rounds 7] [--json out.json]
 """
 
+# isort: off
+import titan_geonorm.titan.launcher  # noqa: F401  (applies the CPU patches, which must precede torchtitan)
+
+# isort: on
 import argparse
 import json
 import statistics
@@ -19,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torchtitan.models.llama3.infra.parallelize import apply_compile
 
-import titan_geonorm  # noqa: F401  (CPU patches must precede torchtitan's import)
 from titan_geonorm.models.args import BlockVariant, VariantModelArgs
 from titan_geonorm.models.model import VariantTransformer
 

@@ -186,9 +186,10 @@ def run(args):
     """Every (model, optimizer) pair in one process, one JSON line each."""
     os.environ.update(NGPU=str(args.ngpu), LOCAL_RANK="0", RANK="0", WORLD_SIZE=str(args.ngpu))
     os.environ.setdefault("OMP_NUM_THREADS", "2")
-    from torchtitan.tools.logging import init_logger
-
+    # isort: off
     import titan_geonorm.titan.launcher  # noqa: F401  (CPU patches before torchtitan, train specs)
+    from torchtitan.tools.logging import init_logger
+    # isort: on
 
     init_logger()
     for model in args.model:
@@ -198,10 +199,11 @@ def run(args):
 
 def shapes(model: str, flavor: str) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of a meta-device model of the flavor."""
+    # isort: off
+    import titan_geonorm.titan.launcher  # noqa: F401  (CPU patches before torchtitan, train specs)
     import torch
     from torchtitan.protocols.train_spec import get_train_spec
-
-    import titan_geonorm.titan.launcher  # noqa: F401  (CPU patches before torchtitan, train specs)
+    # isort: on
 
     spec = get_train_spec(model)
     with torch.device("meta"):
