@@ -202,27 +202,14 @@ def test_fsdp2_and_tp2_training_match_one_process():
 
 
 @pytest.mark.distributed
-def test_trainer_tp2_and_resume_reproduce_one_process(tmp_path):
-    """The real launcher and trainer (loss parallel on, nGPT hook after each step) with
-    ManifoldMuon (AdamW under TP: the in-process test above): TP=2 gives the one-process losses
-    over 6 steps from the same seed (TP shards are slices of one full init), and a run restarted
-    from the step-3 checkpoint (weights, optimizer state, LR schedule, data position) gives
-    steps 4-6 of the uninterrupted run."""
-    one, tp, resumed = tmp_path / "one", tmp_path / "tp", tmp_path / "resumed"
+def test_trainer_resume_reproduces_uninterrupted_losses(tmp_path):
+    """The real launcher and trainer (nGPT hook after each step) with ManifoldMuon (TP and FSDP2:
+    the in-process test above): a run restarted from the step-3 checkpoint (weights, optimizer
+    state, LR schedule, data position) gives steps 4-6 of the uninterrupted run."""
+    one, resumed = tmp_path / "one", tmp_path / "resumed"
     args = ("--model.name", "llama3_ngpt", "--optimizer.name", "ManifoldMuon", "--training.steps", "6")
     train(one, *args, "--checkpoint.enable", "--checkpoint.interval", "3")
     tokenizer = ("--model.hf_assets_path", str(one / "tokenizer"))
-    train(
-        tp,
-        *args,
-        *tokenizer,
-        "--parallelism.tensor_parallel_degree",
-        "2",
-        "--parallelism.data_parallel_shard_degree",
-        "1",
-        nproc=2,
-    )
-    assert losses(tp) == pytest.approx(losses(one), abs=1e-5)
     (resumed / "checkpoint").mkdir(parents=True)
     shutil.copytree(one / "checkpoint" / "step-3", resumed / "checkpoint" / "step-3")
     train(resumed, *args, *tokenizer, "--checkpoint.enable", "--checkpoint.interval", "3")

@@ -102,7 +102,8 @@ def test_dp_shard_2_resumes_at_dp_shard_1(seed, repeated_text, optimizer, tol, t
     assert_same_losses(resharded, on_saved_mesh, tol)
 
 
-@pytest.mark.parametrize("optimizer, tol", OPTIMIZERS)
+# ManifoldMuon only: its state holds an AdamW group too, and dp 2 -> 1 above covers plain AdamW.
+@pytest.mark.parametrize("optimizer, tol", OPTIMIZERS[1:])
 def test_dp2_tp2_resumes_at_dp_shard_4(seed, repeated_text, optimizer, tol, tmp_path):
     ckpt = checkpoint_at(seed, tmp_path / "save", optimizer, DP2_TP2, nproc=4)
     resharded = resume(seed, ckpt, tmp_path / "dp4", repeated_text, optimizer, DP4, nproc=4)

@@ -47,19 +47,6 @@ CASES = [
     ),
     (
         "llama3_geonorm",
-        "rmsnorm",
-        2,
-        [
-            "--parallelism.data_parallel_shard_degree",
-            "2",
-            "--activation_checkpoint.mode",
-            "selective",
-            "--geonorm.radius",
-            "prenorm",
-        ],
-    ),
-    (
-        "llama3_geonorm",
         "layernorm",
         2,
         [
