@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.export.test_export import THIRD_PARTY
 from tests.launch import REPO, TINY_CONFIG, env
 from titan_geonorm.export import export_checkpoint, export_state_dict, import_state_dict
 from titan_geonorm.export.load import checkpoint_tensors, load_checkpoint, save_checkpoint
-from titan_geonorm.models.config import GeoNormConfig
 from titan_geonorm.models.model import VariantTransformer
 
 
@@ -21,19 +21,6 @@ def same_files(a: Path, b: Path) -> None:
     assert names == sorted(p.name for p in b.iterdir())
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-
-
-# The third-party reading of arXiv 2601.22095 (Pre-Norm radius), spelled out.
-THIRD_PARTY = GeoNormConfig(
-    radius="prenorm",
-    update_map="exp",
-    attn_decay="harmonic",
-    ffn_decay="harmonic",
-    decay_index="block",
-    learnable_bias=True,
-    theta_base_max=math.pi / 4,
-    theta_max=math.pi / 4,
-)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import pytest
 
 from tests.hardening.test_bad_configs import config_file
 from tests.launch import losses, steps, train
+from tests.models.test_model import SPHERE
 
 pytestmark = pytest.mark.distributed
 
@@ -30,17 +31,7 @@ CASES = [
     (
         "llama3_geonorm",
         "GPipe",
-        {
-            "geonorm": {
-                "radius": "sphere",
-                "attn_decay": "none",
-                "ffn_decay": "none",
-                "decay_index": "sublayer",
-                "learnable_bias": False,
-                "theta_base_max": float("inf"),
-                "theta_max": 1.5707963267948966,
-            }
-        },
+        {"geonorm": SPHERE},
     ),
 ]
 
