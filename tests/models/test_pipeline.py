@@ -1,5 +1,9 @@
 """Pipeline parallelism with the block variants: 2 stages on gloo reproduce one process.
 
+Losses and grad norms are compared: in stock torchtitan 0.2.2 PP gradients are the token count
+times the non-PP ones (`normalize_pp_loss_before_backward`, patch 0008), which clipping hides
+from the first losses but not from the grad norm or, after a few steps, from the loss.
+
 Peri-LN's embedding norm is a top-level module torchtitan's default stage split does not know
 (preflight refuses it, tests/hardening/test_bad_configs.py); listed next to `tok_embeddings` in
 `parallelism.module_fqns_per_model_part`, the 2-stage run must match one process from the same
@@ -12,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.hardening.test_bad_configs import config_file
-from tests.launch import losses, steps, train
-from tests.models.test_model import SPHERE
+from tests.launch import grad_norms, losses, steps, train
 
 pytestmark = pytest.mark.distributed
 
@@ -25,14 +28,8 @@ CASES = [
         "1F1B",
         {"peri_ln": {"embedding_norm": True}, "parallelism": {"module_fqns_per_model_part": STAGES}},
     ),
-    # torchtitan's default split: GeoNorm has no top-level module of its own. The sphere radius:
-    # with the default Pre-Norm radius two stages drift from one process after the first step
-    # (loss 8.6e-3 apart at step 4, README "Known limitations"), not yet explained.
-    (
-        "llama3_geonorm",
-        "GPipe",
-        {"geonorm": SPHERE},
-    ),
+    # torchtitan's default split: GeoNorm has no top-level module of its own.
+    ("llama3_geonorm", "GPipe", {}),
 ]
 
 
@@ -51,7 +48,7 @@ def _run(dump: Path, seed: Path, config: Path, *overrides: str, nproc: int):
         config=config,
     )
     assert steps(dump) == [1, 2, 3, 4]
-    return losses(dump), proc.stdout + proc.stderr
+    return (losses(dump), grad_norms(dump)), proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("model, schedule, additions", CASES, ids=[c[0] for c in CASES])
@@ -72,4 +69,5 @@ def test_two_stages_match_one_process(tmp_path, model, schedule, additions):
         nproc=2,
     )
     assert f"Using pipeline schedule {schedule} with 8 microbatches and 2 stages" in log
-    assert pp == pytest.approx(one, abs=1e-4)
+    assert pp[1] == pytest.approx(one[1], rel=1e-3)
+    assert pp[0] == pytest.approx(one[0], abs=1e-4)

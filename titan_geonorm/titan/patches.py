@@ -10,6 +10,8 @@ that shows the failure it prevents. Nothing here runs at import; callers apply t
 - Per model, from the parallelize functions: `force_sum_reduction_on_gloo` (0004),
   `sum_gradients_under_ddp` (0005), `init_shards_like_one_process` (gloo only; no upstream patch:
   a CPU-development workaround).
+- Per trainer, from `GeoNormTrainer.__init__` under pipeline parallelism:
+  `normalize_pp_loss_before_backward` (0008).
 
 `patch_device_type` must run before the first import of torchtitan: `torchtitan.tools.utils`
 computes the device type at import time and other modules copy it by name.
@@ -350,6 +352,45 @@ def init_shards_like_one_process(model: nn.Module, model_cls: type[nn.Module]) -
                 param.copy_(value)
 
     model.init_weights = init_weights
+
+
+class TokenMeanLoss:
+    """A summed loss divided by `tokens` while it is set (a training step); the sum otherwise."""
+
+    def __init__(self, loss_fn):
+        self.loss_fn = loss_fn
+        self.tokens: torch.Tensor | None = None
+
+    def __call__(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = self.loss_fn(pred, labels)
+        return loss if self.tokens is None else loss / self.tokens
+
+
+def normalize_pp_loss_before_backward(trainer) -> None:
+    """Give pipeline-parallel training the gradients of the token-mean loss, as without PP.
+
+    torchtitan 0.2.2 backwards each micro-batch's *summed* loss inside the PP schedule
+    (`scale_grads=False`) and divides by the step's global token count only afterwards, for the
+    logged loss: PP gradients (and grad norm) are `global_valid_tokens` times the non-PP ones
+    (pytorch/torchtitan#2972). Clipping then rescales every PP step to `max_norm` while the
+    same run without PP clips only some steps, so Adam's moments and the weights drift apart
+    after step 1. Here the schedule's loss is divided by the token count during the training
+    step (validation, which runs the same schedule, still gets sums), and the returned loss,
+    which torchtitan divides once more, is multiplied back.
+    """
+    loss_fn = TokenMeanLoss(trainer.pp_schedule._loss_fn)
+    trainer.pp_schedule._loss_fn = loss_fn
+    forward_backward_step = trainer.forward_backward_step
+
+    def normalized_forward_backward_step(*, input_dict, labels, global_valid_tokens):
+        loss_fn.tokens = global_valid_tokens
+        try:
+            loss = forward_backward_step(input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens)
+        finally:
+            loss_fn.tokens = None
+        return loss * global_valid_tokens if trainer.pp_has_last_stage else loss
+
+    trainer.forward_backward_step = normalized_forward_backward_step
 
 
 def apply_run_patches() -> None:

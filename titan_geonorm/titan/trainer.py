@@ -28,6 +28,7 @@ from torchtitan.train import Trainer
 
 from titan_geonorm.diagnostics import build_diagnostics
 from titan_geonorm.optim.routing import clean_name
+from titan_geonorm.titan.patches import normalize_pp_loss_before_backward
 from titan_geonorm.titan.resume import (
     RECORD_KEY,
     RunRecord,
@@ -59,6 +60,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class GeoNormTrainer(Trainer):
     def __init__(self, job_config) -> None:
         super().__init__(job_config)
+        if self.parallel_dims.pp_enabled:
+            normalize_pp_loss_before_backward(self)
         # Saved in every checkpoint beside the weights; compared on resume by preflight.
         self.checkpointer.states[RECORD_KEY] = RunRecord(job_config)
         self.checkpointer.load = self._load_keeping_allowed_changes
