@@ -1,6 +1,9 @@
-"""Launch `python -m titan_geonorm.train` under torchrun from tests, and read its metrics.
+"""Launch `python -m titan_geonorm.train` from tests, and read its metrics.
 
 Every run gets its own dump folder; losses come from `<dump>/metrics.jsonl` at full precision.
+`train` starts multi-rank runs under torchrun, and one-process runs as the worker itself with the
+environment torchrun gives a world of one: the agent costs ~6 s of imports per launch and nothing
+under test happens in it there (restarts, agent kills and two-node runs use `torchrun_cmd`).
 """
 
 import os
@@ -8,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.distributed import free_port
 from titan_geonorm.titan.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +47,11 @@ def train(
     dump: Path, *overrides: str, nproc: int = 1, config: Path = TINY_CONFIG, timeout: int = 600, check: bool = True
 ) -> subprocess.CompletedProcess:
     """Run training to completion; raise with the tail of its output if it fails."""
-    cmd = torchrun_cmd(nproc) + [
+    if nproc == 1:
+        launcher, extra = [sys.executable], _one_process_env()
+    else:
+        launcher, extra = torchrun_cmd(nproc), {}
+    cmd = launcher + [
         "-m",
         "titan_geonorm.train",
         "--job.config_file",
@@ -52,12 +60,23 @@ def train(
         str(dump),
         *overrides,
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=env(**extra), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"training failed (rc={proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
         )
     return proc
+
+
+def _one_process_env() -> dict[str, str]:
+    return dict(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    )
 
 
 def losses(dump: Path) -> list[float]:

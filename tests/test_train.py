@@ -1,5 +1,8 @@
 """End-to-end training under torchrun on gloo: parallelisms, equivalence, resume, two nodes.
 
+FSDP x TP on 4 ranks and FSDP + compile trainer runs are in tests/models/test_variants_train.py
+(Peri-LN on dp 2 x tp 2, GeoNorm compiled under FSDP).
+
 All runs start from one seed checkpoint (torchtitan's `create_seed_checkpoint`) and share one
 tokenizer, so runs with the same data-parallel degree see the same weights and batches.
 """
@@ -102,24 +105,6 @@ def test_tp2_matches_single_rank(seed, single, tmp_path):
     )
     assert_trains(tmp_path)
     assert tp[:3] == pytest.approx(losses(single)[:3], abs=1e-4)
-
-
-def test_fsdp_x_tp_on_4_ranks_trains(seed, tmp_path):
-    from_seed(
-        seed,
-        tmp_path,
-        "--parallelism.tensor_parallel_degree",
-        "2",
-        "--parallelism.data_parallel_shard_degree",
-        "2",
-        nproc=4,
-    )
-    assert_trains(tmp_path)
-
-
-def test_compile_with_fsdp_trains(seed, tmp_path):
-    from_seed(seed, tmp_path, "--parallelism.data_parallel_shard_degree", "2", "--compile.enable", nproc=2)
-    assert_trains(tmp_path)
 
 
 def test_resume_reproduces_uninterrupted_losses(seed, single, tmp_path):

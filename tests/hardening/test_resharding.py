@@ -94,7 +94,8 @@ def assert_same_losses(resharded: list[float], reference: list[float], tol: floa
     assert resharded[1:] == pytest.approx(reference[1:], abs=tol)
 
 
-@pytest.mark.parametrize("optimizer, tol", OPTIMIZERS)
+# AdamW only: ManifoldMuon's dp 2 x tp 2 checkpoint below resumes at dp 1 too.
+@pytest.mark.parametrize("optimizer, tol", OPTIMIZERS[:1])
 def test_dp_shard_2_resumes_at_dp_shard_1(seed, repeated_text, optimizer, tol, tmp_path):
     ckpt = checkpoint_at(seed, tmp_path / "save", optimizer, DP[2], nproc=2)
     on_saved_mesh = resume(seed, ckpt, tmp_path / "dp2", repeated_text, optimizer, DP[2], nproc=2)

@@ -92,10 +92,12 @@ def _fsdp2_tp2_full_ac():
 
 
 def _fsdp2_compile():
+    # GeoNorm only: its geodesic step is the one custom region inductor compiles (Peri-LN adds
+    # stock norms); 60 s per case on the 2-core CI box.
     _check_against_single_process(
         dp_shard=2,
         tp=1,
-        cases=[("geonorm", "layernorm"), ("peri", "rmsnorm")],
+        cases=[("geonorm", "layernorm")],
         overrides=("--compile.enable", "--compile.components", "model"),
     )
 
