@@ -1,12 +1,15 @@
-"""Step time of every block variant relative to Pre-LN, same shapes, one interleaved run, on CPU.
+"""Step time of every block variant relative to stock torchtitan llama3, one interleaved run, on CPU.
 
-A step is forward + backward + AdamW step of the whole model on one random batch. Variants are
+A step is forward + backward + AdamW step of the whole model on one random batch. The arms are
+torchtitan's own `Transformer` (`titan`, the `llama3_titan` spec) and every plugin block variant,
 timed in rotating order, round after round, so drift in machine load hits them alike; the
-reported ratio is the median over rounds of (variant time / Pre-LN time in the same round).
-"Compiled" compiles each block with torch.compile as torchtitan does (`apply_compile`).
+reported ratios are medians over rounds of (arm time / titan time in the same round), and
+tokens/s relative to titan is their inverse. "Compiled" compiles each block with torch.compile as
+torchtitan does (`apply_compile`).
 
-    python scripts/bench_variants.py [--dim 256 --n-layers 6 --seq-len 256 --batch 4]
-        [--norm-type rmsnorm] [--modes eager,compiled] [--rounds 7] [--json out.json]
+    python scripts/bench_variants.py [--flavor tiny | --dim 256 --n-layers 6 --n-heads 16]
+        [--seq-len 256 --batch 4] [--norm-type rmsnorm] [--modes eager,compiled] [--rounds 7]
+        [--json out.json]
 """
 
 # isort: off
@@ -21,19 +24,25 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torchtitan.models.llama3 import Transformer
 from torchtitan.models.llama3.infra.parallelize import apply_compile
+from torchtitan.models.llama3.model.args import TransformerModelArgs
 
 from titan_geonorm.models.args import BlockVariant, VariantModelArgs
+from titan_geonorm.models.flavors import flavor_kwargs
 from titan_geonorm.models.model import VariantTransformer
 
-VARIANTS = [v.value for v in BlockVariant]
+REFERENCE = "titan"
+ARMS = [REFERENCE] + [v.value for v in BlockVariant]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--flavor", help="take dim, layers, heads, kv heads, vocab from a plugin flavor (e.g. tiny)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--n-layers", type=int, default=6)
     p.add_argument("--n-heads", type=int, default=16)
+    p.add_argument("--n-kv-heads", type=int, default=None)
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
@@ -46,25 +55,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
     args.modes = args.modes.split(",")
+    if args.flavor is not None:
+        flavors = flavor_kwargs()
+        if args.flavor not in flavors:
+            p.error(f"--flavor: unknown flavor {args.flavor!r} (one of {', '.join(flavors)})")
+        shape = flavors[args.flavor]
+        args.dim, args.n_layers, args.n_heads = shape["dim"], shape["n_layers"], shape["n_heads"]
+        args.n_kv_heads, args.vocab_size = shape.get("n_kv_heads"), shape["vocab_size"]
     for mode in args.modes:
         if mode not in ("eager", "compiled"):
             p.error(f"--modes: unknown mode {mode!r} (eager, compiled)")
     return args
 
 
-def build(block: str, args: argparse.Namespace, compiled: bool):
+def build(arm: str, args: argparse.Namespace, compiled: bool):
     torch.manual_seed(0)
-    model_args = VariantModelArgs(
+    shape = dict(
         dim=args.dim,
         n_layers=args.n_layers,
         n_heads=args.n_heads,
+        n_kv_heads=args.n_kv_heads,
         vocab_size=args.vocab_size,
         max_seq_len=args.seq_len,
         rope_theta=500000,
-        block=block,
-        norm_type=args.norm_type,
     )
-    model = VariantTransformer(model_args)
+    if arm == REFERENCE:
+        model = Transformer(TransformerModelArgs(**shape))
+    else:
+        model = VariantTransformer(VariantModelArgs(**shape, block=arm, norm_type=args.norm_type))
     with torch.no_grad():
         model.init_weights()
     if compiled:
@@ -91,23 +109,27 @@ def bench_mode(args: argparse.Namespace, compiled: bool) -> dict:
     batch = torch.randint(
         0, args.vocab_size, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0)
     )
-    runs = {v: build(v, args, compiled) for v in VARIANTS}
+    runs = {arm: build(arm, args, compiled) for arm in ARMS}
     for model, opt in runs.values():
         for _ in range(args.warmup):
             train_step(model, opt, batch)
-    times = {v: [] for v in VARIANTS}
+    times = {arm: [] for arm in ARMS}
     for r in range(args.rounds):
-        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
-        for v in order:
-            times[v].append(time_steps(*runs[v], batch, args.steps))
-    return {
-        v: {
-            "median_s": statistics.median(times[v]),
-            "ratio_vs_pre": statistics.median(t / p for t, p in zip(times[v], times["pre"])),
-            "round_s": times[v],
+        order = ARMS[r % len(ARMS) :] + ARMS[: r % len(ARMS)]
+        for arm in order:
+            times[arm].append(time_steps(*runs[arm], batch, args.steps))
+    tokens = args.batch * args.seq_len
+    results = {}
+    for arm in ARMS:
+        ratio = statistics.median(t / ref for t, ref in zip(times[arm], times[REFERENCE]))
+        results[arm] = {
+            "median_s": statistics.median(times[arm]),
+            "tokens_per_s": tokens / statistics.median(times[arm]),
+            "time_vs_titan": ratio,
+            "tokens_per_s_vs_titan": 1 / ratio,
+            "round_s": times[arm],
         }
-        for v in VARIANTS
-    }
+    return results
 
 
 def main(argv=None) -> None:
@@ -115,13 +137,17 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     results = {mode: bench_mode(args, mode == "compiled") for mode in args.modes}
     print(
-        f"dim {args.dim}, layers {args.n_layers}, heads {args.n_heads}, seq {args.seq_len}, "
+        f"dim {args.dim}, layers {args.n_layers}, heads {args.n_heads}/{args.n_kv_heads}, seq {args.seq_len}, "
         f"batch {args.batch}, {args.norm_type}, threads {args.threads}, torch {torch.__version__}"
     )
-    print(f"{'variant':<10}" + "".join(f"{mode + ' s/step':>18}{mode + ' / pre':>16}" for mode in args.modes))
-    for v in VARIANTS:
-        row = "".join(f"{results[m][v]['median_s']:>18.4f}{results[m][v]['ratio_vs_pre']:>16.3f}" for m in args.modes)
-        print(f"{v:<10}{row}")
+    print(f"{'arm':<8}" + "".join(f"{m + ' s/step':>16}{m + ' tok/s':>14}{m + ' x titan':>18}" for m in args.modes))
+    for arm in ARMS:
+        row = "".join(
+            f"{results[m][arm]['median_s']:>16.4f}{results[m][arm]['tokens_per_s']:>14.0f}"
+            f"{results[m][arm]['tokens_per_s_vs_titan']:>18.3f}"
+            for m in args.modes
+        )
+        print(f"{arm:<8}{row}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": {k: v for k, v in vars(args).items() if k != "json"}, "results": results}, f, indent=2)
