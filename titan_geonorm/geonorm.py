@@ -180,7 +180,9 @@ class _FusedStep(torch.autograd.Function):
         dL/dh  = (coef_h - c coef_v) g + (2 D + c^2 e) h + (E - c e) u
         dL/du  = coef_v g + (E - c e) h + e u
     using v orthogonal to h (d||v||/du = v/||v||, d||v||/dh = -c v/||v||). Six passes over the
-    rows forward and eight backward, against autograd's ~30 elementwise kernels.
+    rows forward and eight backward, against autograd's ~30 elementwise kernels. The per-row graph
+    is rebuilt in backward: one built in forward would be backwarded outside the region selective
+    activation checkpointing allows to backward once (tests/models/test_parallelize.py).
     """
 
     @staticmethod

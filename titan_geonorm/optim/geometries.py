@@ -24,12 +24,14 @@ completion U with `-U^T` keeps the norm and makes it skew, so every feasible A i
 skew, `||U|| <= 1` (and every such `U W` is feasible). `<G, U W> = <skew(G W^T), U> = <C/2, U>`
 is maximized by `U = msign(C)`, itself skew. Every Newton-Schulz iterate of a skew matrix is an
 odd polynomial in it, hence skew: the direction is tangent whatever the polynomial's accuracy,
-which only sets `||A||` (as in Muon). A final `A <- A - W sym(W^T A)` in fp32 removes rounding.
+which only sets `||A||` (as in Muon). In the `m <= 2n` form a final `A <- A - W sym(W^T A)` in fp32
+removes rounding.
 Two ways to compute it:
 - `m <= 2n`: form the m x m matrix C and take `msign(C) W`.
 - `m > 2n`: C lives in the 2n-dim span of W and `G_perp = G - W W^T G = Q R` (thin QR, fp32, Q
   re-orthogonalized against W). With `S = W^T G - G^T W`, `C = [W Q] [[S, -R^T], [R, 0]] [W Q]^T`,
-  so with U = msign of that 2n x 2n matrix, `A = W U_11 + Q U_21`.
+  so with U = msign of that 2n x 2n matrix, `A = W skew(U_11) + Q U_21`, tangent up to W^T Q's
+  rounding without the final projection.
 
 **Dual ascent** (Stiefel for comparison, DGram). The Lagrangian with a symmetric multiplier
 `Lambda` (projected by `P`: identity for Stiefel, `Off` for DGram) is `<G + 2 W P(Lambda), A>`,
@@ -321,15 +323,14 @@ def stiefel_closed_form(w: torch.Tensor, g: torch.Tensor, orth: MsignSettings) -
         a = orth(x - x.mT) @ w
     else:
         y = w.mT @ g
-        g_perp = g - w @ y
-        # Twice: one projection leaves an O(eps ||G||) component along W, and QR amplifies it in
-        # the directions where G_perp is small.
-        g_perp = g_perp - w @ (w.mT @ g_perp)
-        q, r = torch.linalg.qr(g_perp)
+        q, r = torch.linalg.qr(g - w @ y)
+        # QR amplifies G_perp's O(eps ||G||) component along W where G_perp is small; removing it
+        # from Q afterwards leaves W^T Q at rounding level, so W^T A = skew(U_11) + O(eps) with
+        # no final projection (the directions where Q loses its norm have tiny U_21 rows).
         q = q - w @ (w.mT @ q)
         k = torch.cat([torch.cat([y - y.mT, -r.mT], -1), torch.cat([r, torch.zeros_like(r)], -1)], -2)
         u = orth(k)
-        a = w @ (0.5 * (u[..., :n, :n] - u[..., :n, :n].mT)) + q @ u[..., n:, :n]
+        return w @ (0.5 * (u[..., :n, :n] - u[..., :n, :n].mT)) + q @ u[..., n:, :n]
     return stiefel_tangent(w, a)
 
 
