@@ -25,3 +25,33 @@ def test_patch_applies_to_torchtitan_wheel(patch):
         ["git", "apply", "--check", "-p1", str(patch)], cwd=SITE_PACKAGES, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_final_sleep_only_with_other_ranks(monkeypatch):
+    import inspect
+    import types
+
+    import torch.distributed as dist
+    import torchtitan.train
+
+    from titan_geonorm.titan.patches import _SleepOnlyWithOtherRanks, patch_final_sleep_only_with_other_ranks
+
+    # Why: stock torchtitan sleeps on rank 0 whatever the world size.
+    source = inspect.getsource(torchtitan.train.Trainer.train)
+    assert "if torch.distributed.get_rank() == 0:" in source and "time.sleep(2)" in source
+    slept = []
+    fake_time = types.ModuleType("time")
+    fake_time.sleep, fake_time.perf_counter = slept.append, lambda: 1.5
+    patched = _SleepOnlyWithOtherRanks(fake_time)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    patched.sleep(2)
+    assert slept == [] and patched.perf_counter() == 1.5
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    patched.sleep(2)
+    assert slept == [2]
+    monkeypatch.setattr(torchtitan.train, "time", torchtitan.train.time)
+    patch_final_sleep_only_with_other_ranks()
+    patch_final_sleep_only_with_other_ranks()
+    assert isinstance(torchtitan.train.time, _SleepOnlyWithOtherRanks)
+    assert torchtitan.train.time.__wrapped__.__name__ == "time"

@@ -6,7 +6,7 @@ that shows the failure it prevents. Nothing here runs at import; callers apply t
 - CPU-only hosts (`apply_cpu_patches`, by the launcher before torchtitan's first import):
   `patch_device_type` (0001), `patch_cpu_memory_stats` (0002), `patch_gloo_barrier` (0003).
 - Every run (`apply_run_patches`, by the launcher): `patch_purge_counts_complete_checkpoints` (0006),
-  `patch_save_reports_disk_full` (0007).
+  `patch_save_reports_disk_full` (0007), `patch_final_sleep_only_with_other_ranks` (0009).
 - Per model, from the parallelize functions: `force_sum_reduction_on_gloo` (0004),
   `sum_gradients_under_ddp` (0005), `init_shards_like_one_process` (gloo only; no upstream patch:
   a CPU-development workaround).
@@ -393,7 +393,30 @@ def normalize_pp_loss_before_backward(trainer) -> None:
     trainer.forward_backward_step = normalized_forward_backward_step
 
 
+class _SleepOnlyWithOtherRanks(types.ModuleType):
+    """`time` for torchtitan.train, whose only `time.sleep` is the wait at the end of training."""
+
+    def __init__(self, time_module: types.ModuleType):
+        super().__init__(time_module.__name__)
+        self.__dict__.update({k: v for k, v in vars(time_module).items() if k != "sleep"})
+        self.__wrapped__ = time_module
+
+    def sleep(self, seconds: float) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self.__wrapped__.sleep(seconds)
+
+
+def patch_final_sleep_only_with_other_ranks() -> None:
+    """`Trainer.train` ends with rank 0 sleeping 2 s "for other ranks to complete"; in a world of
+    one there is no other rank, so the sleep is skipped there (every multi-rank run keeps it)."""
+    import torchtitan.train as train_module
+
+    if not isinstance(train_module.time, _SleepOnlyWithOtherRanks):
+        train_module.time = _SleepOnlyWithOtherRanks(train_module.time)
+
+
 def apply_run_patches() -> None:
     """Patches every run needs, accelerator or not (the launcher calls this once)."""
     patch_purge_counts_complete_checkpoints()
     patch_save_reports_disk_full()
+    patch_final_sleep_only_with_other_ranks()
