@@ -1,17 +1,24 @@
-"""Launch `python -m titan_geonorm.train` from tests, and read its metrics.
+"""Launch `python -m titan_geonorm.train` (and the other entry points) from tests; read metrics.
 
 Every run gets its own dump folder; losses come from `<dump>/metrics.jsonl` at full precision.
-`train` starts multi-rank runs under torchrun, and one-process runs as the worker itself with the
-environment torchrun gives a world of one: the agent costs ~6 s of imports per launch and nothing
-under test happens in it there (restarts, agent kills and two-node runs use `torchrun_cmd`).
+`train` and `run_module` start each rank as a process forked from the test fork server
+(`tests.distributed.preloaded`), with the environment torchrun gives its workers, and stop the
+other ranks when one fails, as the torchrun agent does: torch + torchtitan imports cost ~8 s of
+CPU per process and are paid once per test session instead of once per rank. What the agent
+itself does (restarts, agent kills, multi-node rendezvous, `run_train.sh`) is tested under real
+torchrun (`torchrun_cmd`).
 """
 
+import multiprocessing.connection
 import os
+import runpy
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-from tests.distributed import free_port
+from tests.distributed import free_port, preloaded
 from titan_geonorm.titan.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,36 +54,98 @@ def train(
     dump: Path, *overrides: str, nproc: int = 1, config: Path = TINY_CONFIG, timeout: int = 600, check: bool = True
 ) -> subprocess.CompletedProcess:
     """Run training to completion; raise with the tail of its output if it fails."""
-    if nproc == 1:
-        launcher, extra = [sys.executable], _one_process_env()
-    else:
-        launcher, extra = torchrun_cmd(nproc), {}
-    cmd = launcher + [
-        "-m",
-        "titan_geonorm.train",
-        "--job.config_file",
-        str(config),
-        "--job.dump_folder",
-        str(dump),
-        *overrides,
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(**extra), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"training failed (rc={proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        )
+    args = ["--job.config_file", str(config), "--job.dump_folder", str(dump), *overrides]
+    return run_module("titan_geonorm.train", *args, nproc=nproc, timeout=timeout, check=check)
+
+
+def run_module(
+    module: str,
+    *args: str,
+    nproc: int = 1,
+    extra_env: dict[str, str] | None = None,
+    timeout: int = 600,
+    check: bool = True,
+    torchrun_env: bool = True,
+) -> subprocess.CompletedProcess:
+    """`python -m module *args` on `nproc` ranks; returncode is the first failing rank's status.
+
+    Like `subprocess.run(capture_output=True)`: stdout and stderr hold every rank's, in rank order.
+    `torchrun_env=False` (one process) leaves out torchrun's variables, as a user's plain
+    `python -m` has none.
+    """
+    port = str(free_port())
+    cmd = [sys.executable, "-m", module, *args]
+    with tempfile.TemporaryDirectory(prefix="titan_geonorm_ranks_") as logs:
+        ctx = preloaded()
+        ranks = []
+        for rank in range(nproc):
+            ranked = dict(
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(nproc),
+                LOCAL_WORLD_SIZE=str(nproc),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            )
+            rank_env = env(**{**(ranked if torchrun_env or nproc > 1 else {}), **(extra_env or {})})
+            out, err = os.path.join(logs, f"{rank}.out"), os.path.join(logs, f"{rank}.err")
+            process = ctx.Process(target=_run_as_main, args=(module, list(args), rank_env, out, err))
+            process.start()
+            ranks.append((process, out, err))
+        returncode = _wait(ranks, timeout, cmd)
+        stdout = "".join(Path(out).read_text(errors="replace") for _, out, _ in ranks)
+        stderr = "".join(Path(err).read_text(errors="replace") for _, _, err in ranks)
+    proc = subprocess.CompletedProcess(cmd, returncode, stdout, stderr)
+    if check and returncode != 0:
+        raise AssertionError(f"{module} failed (rc={returncode}): {' '.join(cmd)}\n{stdout[-4000:]}\n{stderr[-8000:]}")
     return proc
 
 
-def _one_process_env() -> dict[str, str]:
-    return dict(
-        RANK="0",
-        LOCAL_RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-    )
+def cli(module: str, *args: str, extra_env: dict[str, str] | None = None, timeout: int = 300):
+    """A user's `python -m module *args` (one process, no torchrun variables); rc not checked."""
+    return run_module(module, *args, extra_env=extra_env, timeout=timeout, check=False, torchrun_env=False)
+
+
+def _run_as_main(module: str, args: list[str], environ: dict[str, str], out: str, err: str) -> None:
+    for path, fd in ((out, 1), (err, 2)):
+        with open(path, "w") as f:
+            os.dup2(f.fileno(), fd)
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(REPO)
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def _wait(ranks, timeout: float, cmd: list[str]) -> int:
+    """Wait for every rank; on the first failure or at the timeout, stop the others (SIGTERM,
+    then SIGKILL after 10 s), as the torchrun agent does."""
+    deadline = time.monotonic() + timeout
+    running = {process.sentinel: process for process, _, _ in ranks}
+    returncode = 0
+    while running:
+        ready = multiprocessing.connection.wait(list(running), timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            _stop(running.values())
+            raise subprocess.TimeoutExpired(cmd, timeout)
+        for sentinel in ready:
+            process = running.pop(sentinel)
+            process.join()
+            if process.exitcode != 0 and returncode == 0:
+                returncode = process.exitcode
+                _stop(running.values())
+    return returncode
+
+
+def _stop(processes) -> None:
+    processes = list(processes)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(10)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
 
 
 def losses(dump: Path) -> list[float]:

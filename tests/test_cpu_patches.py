@@ -61,11 +61,11 @@ def _barrier_with_cpu_device_id(patched: bool) -> None:
 
 
 def test_gloo_barrier_with_device_ids_raises_without_patch():
-    run_distributed_test(_barrier_with_cpu_device_id, 2, False)
+    run_distributed_test(_barrier_with_cpu_device_id, 2, False, fresh=True)
 
 
 def test_gloo_barrier_with_patch():
-    run_distributed_test(_barrier_with_cpu_device_id, 2, True)
+    run_distributed_test(_barrier_with_cpu_device_id, 2, True, fresh=True)
 
 
 def test_apply_is_idempotent_and_refuses_late_import():

@@ -1,11 +1,8 @@
 """Bad input is refused before any compute, with a message naming the key or path."""
 
-import subprocess
-import sys
-
 import pytest
 
-from tests.launch import REPO, TINY_CONFIG, env
+from tests.launch import TINY_CONFIG, cli
 from titan_geonorm.titan.launcher import parse_config
 from titan_geonorm.titan.preflight import ConfigError, run_preflight
 
@@ -64,22 +61,15 @@ def test_missing_config_file_is_refused(monkeypatch):
 
 
 def test_cli_exits_2_with_one_line_before_any_compute(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "titan_geonorm.train",
-            "--job.config_file",
-            str(TINY_CONFIG),
-            "--job.dump_folder",
-            str(tmp_path),
-            "--model.flavor",
-            "9T",
-        ],
-        cwd=REPO,
-        env=env(WORLD_SIZE="1"),
-        capture_output=True,
-        text=True,
+    proc = cli(
+        "titan_geonorm.train",
+        "--job.config_file",
+        str(TINY_CONFIG),
+        "--job.dump_folder",
+        str(tmp_path),
+        "--model.flavor",
+        "9T",
+        extra_env={"WORLD_SIZE": "1"},
         timeout=300,
     )
     assert proc.returncode == 2

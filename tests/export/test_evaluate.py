@@ -3,15 +3,13 @@ from an independent transformers computation on the same windows."""
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.launch import REPO, TINY_CONFIG, env
+from tests.launch import REPO, TINY_CONFIG, cli
 from titan_geonorm.evaluate import eval_windows, evaluate
 from titan_geonorm.export import export_checkpoint
 
@@ -51,22 +49,14 @@ def transformers_loss(folder, text: str, seq_len: int) -> tuple[float, int]:
 def test_dcp_hf_and_transformers_agree(trained, text_file, tmp_path):
     checkpoint = trained / "checkpoint" / "step-4"
     export_checkpoint(TINY_CONFIG, checkpoint, tmp_path)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "titan_geonorm.evaluate",
-            "--config",
-            str(TINY_CONFIG),
-            "--checkpoint",
-            str(checkpoint),
-            "--text",
-            str(text_file),
-        ],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
+    proc = cli(
+        "titan_geonorm.evaluate",
+        "--config",
+        str(TINY_CONFIG),
+        "--checkpoint",
+        str(checkpoint),
+        "--text",
+        str(text_file),
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

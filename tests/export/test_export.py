@@ -4,7 +4,6 @@ training model's logits and greedy decoding; checkpoints of any world size expor
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +13,7 @@ from safetensors import safe_open
 from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.launch import REPO, TINY_CONFIG, env
+from tests.launch import TINY_CONFIG, cli
 from titan_geonorm.evaluate import dcp_model
 from titan_geonorm.export import export_checkpoint, export_state_dict
 from titan_geonorm.export.hf import read_weights
@@ -264,14 +263,7 @@ def test_refuses_unknown_variant_and_dtype(make_variant, tokenizer_dir, tmp_path
 
 
 def export_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "titan_geonorm.export", *args],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return cli("titan_geonorm.export", *args)
 
 
 def test_trained_run_exports_with_matching_logits(trained, tmp_path):

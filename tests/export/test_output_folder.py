@@ -2,15 +2,13 @@
 which replaces it whole; an export that fails midway leaves the target as it was."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.launch import REPO, TINY_CONFIG, env
+from tests.launch import TINY_CONFIG, cli
 from titan_geonorm.evaluate import dcp_model
 from titan_geonorm.export import export_checkpoint, export_state_dict, import_to_dcp
 from titan_geonorm.export import hf as hf_module
@@ -60,22 +58,14 @@ def test_cli_refuses_non_empty_output_before_reading(seed, tmp_path):
     out = tmp_path / "hf"
     out.mkdir()
     (out / "config.json").write_text('{"mine": true}\n')
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "titan_geonorm.export",
-            "--config",
-            str(TINY_CONFIG),
-            "--checkpoint",
-            str(tmp_path / "no-such-checkpoint"),
-            "--output",
-            str(out),
-        ],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
+    proc = cli(
+        "titan_geonorm.export",
+        "--config",
+        str(TINY_CONFIG),
+        "--checkpoint",
+        str(tmp_path / "no-such-checkpoint"),
+        "--output",
+        str(out),
         timeout=300,
     )
     # Refused on the output before the (missing) checkpoint is even looked at.

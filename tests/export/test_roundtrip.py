@@ -3,14 +3,12 @@ file, and import refuses a folder that does not match the configured model."""
 
 import dataclasses
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.export.test_export import THIRD_PARTY
-from tests.launch import REPO, TINY_CONFIG, env
+from tests.launch import TINY_CONFIG, cli
 from titan_geonorm.export import export_checkpoint, export_state_dict, import_state_dict
 from titan_geonorm.export.load import checkpoint_tensors, load_checkpoint, save_checkpoint
 from titan_geonorm.models.model import VariantTransformer
@@ -66,23 +64,15 @@ def test_import_refuses_other_geonorm_mode(make_variant, tokenizer_dir, tmp_path
 def test_cli_round_trip_of_trained_run(trained, tmp_path):
     """Export, `--to-dcp`, export again: same bytes; the DCP holds the model weights only."""
     export_checkpoint(TINY_CONFIG, trained / "checkpoint" / "step-4", tmp_path / "hf")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "titan_geonorm.export",
-            "--to-dcp",
-            "--config",
-            str(TINY_CONFIG),
-            "--checkpoint",
-            str(tmp_path / "hf"),
-            "--output",
-            str(tmp_path / "dcp"),
-        ],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
+    proc = cli(
+        "titan_geonorm.export",
+        "--to-dcp",
+        "--config",
+        str(TINY_CONFIG),
+        "--checkpoint",
+        str(tmp_path / "hf"),
+        "--output",
+        str(tmp_path / "dcp"),
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import REPO, TINY_CONFIG, env, torchrun_cmd, train
+from tests.launch import REPO, TINY_CONFIG, env, run_module, torchrun_cmd, train
 
 FSDP2 = ("--parallelism.data_parallel_shard_degree", "2")
 
@@ -32,12 +32,9 @@ def seeded_args(seed: Path, dump: Path) -> list[str]:
 def launch(
     dump: Path, *overrides: str, nproc: int = 2, max_restarts: int = 0, faults: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """torchrun the trainer with `tests.hardening.faults` loaded; returns without checking rc."""
-    cmd = torchrun_cmd(nproc) + [
-        "--max-restarts",
-        str(max_restarts),
-        "-m",
-        "titan_geonorm.train",
+    """Run the trainer with `tests.hardening.faults` loaded; returns without checking rc. Restarts
+    are the torchrun agent's work, so `max_restarts > 0` runs under real torchrun."""
+    args = [
         "--job.config_file",
         str(TINY_CONFIG),
         "--job.dump_folder",
@@ -46,6 +43,9 @@ def launch(
         "tests.hardening.faults",
         *overrides,
     ]
+    if max_restarts == 0:
+        return run_module("titan_geonorm.train", *args, nproc=nproc, extra_env=faults, check=False)
+    cmd = torchrun_cmd(nproc) + ["--max-restarts", str(max_restarts), "-m", "titan_geonorm.train", *args]
     return subprocess.run(cmd, cwd=REPO, env=env(**(faults or {})), capture_output=True, text=True, timeout=600)
 
 

@@ -2,13 +2,11 @@
 or data exists, with a message naming the offending key."""
 
 import re
-import subprocess
-import sys
 import tomllib
 
 import pytest
 
-from tests.launch import REPO, TINY_CONFIG, env
+from tests.launch import TINY_CONFIG, cli
 from titan_geonorm.titan.launcher import parse_config
 from titan_geonorm.titan.preflight import ConfigError, run_preflight
 
@@ -210,23 +208,16 @@ def test_table_is_large_enough():
 def test_launcher_refuses_before_any_compute(tmp_path):
     """Through the launcher: exit status 2, one line naming the key, nothing written."""
     dump = tmp_path / "dump"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "titan_geonorm.train",
-            "--job.config_file",
-            str(TINY_CONFIG),
-            "--job.dump_folder",
-            str(dump),
-            "--parallelism.tensor_parallel_degree",
-            "2",
-            "--compile.enable",
-        ],
-        cwd=REPO,
-        env=env(WORLD_SIZE="2"),
-        capture_output=True,
-        text=True,
+    proc = cli(
+        "titan_geonorm.train",
+        "--job.config_file",
+        str(TINY_CONFIG),
+        "--job.dump_folder",
+        str(dump),
+        "--parallelism.tensor_parallel_degree",
+        "2",
+        "--compile.enable",
+        extra_env={"WORLD_SIZE": "2"},
         timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]

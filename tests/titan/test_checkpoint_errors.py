@@ -9,8 +9,6 @@ Checkpoints here are small DCP folders written in-process, laid out as torchtita
 import errno
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from torch.distributed.checkpoint import filesystem
 from torch.distributed.checkpoint.api import CheckpointException
 from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
 
-from tests.launch import REPO, TINY_CONFIG, env
+from tests.launch import TINY_CONFIG, cli
 from titan_geonorm.export.load import (
     check_trained_as,
     load_checkpoint,
@@ -110,21 +108,13 @@ def test_launcher_refuses_a_truncated_shard_before_any_compute(dump):
     shard = dump / "checkpoint" / "step-4" / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:1000])
     before = snapshot(dump)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "titan_geonorm.train",
-            "--job.config_file",
-            str(TINY_CONFIG),
-            "--job.dump_folder",
-            str(dump),
-            "--checkpoint.enable",
-        ],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
+    proc = cli(
+        "titan_geonorm.train",
+        "--job.config_file",
+        str(TINY_CONFIG),
+        "--job.dump_folder",
+        str(dump),
+        "--checkpoint.enable",
         timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -216,25 +206,17 @@ def test_export_as_another_model_is_refused_naming_both_values(tmp_path):
 def test_export_cli_refuses_layernorm_export_of_rmsnorm_checkpoint(tmp_path):
     path = write_step(tmp_path, 4, PRELN)
     out = tmp_path / "hf"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "titan_geonorm.export",
-            "--config",
-            str(TINY_CONFIG),
-            "--checkpoint",
-            str(path),
-            "--output",
-            str(out),
-            *PRELN,
-            "--model.norm_type",
-            "layernorm",
-        ],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
+    proc = cli(
+        "titan_geonorm.export",
+        "--config",
+        str(TINY_CONFIG),
+        "--checkpoint",
+        str(path),
+        "--output",
+        str(out),
+        *PRELN,
+        "--model.norm_type",
+        "layernorm",
         timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 
-from tests.launch import REPO, TINY_CONFIG, env
+from tests.launch import REPO, TINY_CONFIG, cli, env
 from titan_geonorm.titan.lock import lock_dump_folder
 
 HOLD = (
@@ -20,22 +20,14 @@ def test_second_run_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(dump)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        second = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "titan_geonorm.train",
-                "--job.config_file",
-                str(TINY_CONFIG),
-                "--job.dump_folder",
-                str(dump),
-                "--training.steps",
-                "1",
-            ],
-            cwd=REPO,
-            env=env(),
-            capture_output=True,
-            text=True,
+        second = cli(
+            "titan_geonorm.train",
+            "--job.config_file",
+            str(TINY_CONFIG),
+            "--job.dump_folder",
+            str(dump),
+            "--training.steps",
+            "1",
             timeout=120,
         )
         assert second.returncode == 2, second.stderr[-2000:]
