@@ -55,7 +55,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
 
 def run_distributed_test(fn: Callable, world_size: int = 2, *args: Any, fresh: bool = False, **kwargs: Any) -> None:
     if not fresh:
-        preloaded()
+        preloaded()  # sets the preload of the one forkserver that `start_processes` also uses
     mp.start_processes(
         _worker,
         args=(world_size, free_port(), fn, args, kwargs),

@@ -54,8 +54,14 @@ def train(
     dump: Path, *overrides: str, nproc: int = 1, config: Path = TINY_CONFIG, timeout: int = 600, check: bool = True
 ) -> subprocess.CompletedProcess:
     """Run training to completion; raise with the tail of its output if it fails."""
-    args = ["--job.config_file", str(config), "--job.dump_folder", str(dump), *overrides]
-    return run_module("titan_geonorm.train", *args, nproc=nproc, timeout=timeout, check=check)
+    return run_module(
+        "titan_geonorm.train", *trainer_args(dump, *overrides, config=config), nproc=nproc, timeout=timeout, check=check
+    )
+
+
+def trainer_args(dump: Path, *overrides: str, config: Path = TINY_CONFIG) -> list[str]:
+    """`titan_geonorm.train`'s arguments for `config` with its dump folder at `dump`."""
+    return ["--job.config_file", str(config), "--job.dump_folder", str(dump), *overrides]
 
 
 def run_module(
@@ -73,21 +79,16 @@ def run_module(
     `torchrun_env=False` (one process) leaves out torchrun's variables, as a user's plain
     `python -m` has none.
     """
+    if nproc > 1 and not torchrun_env:
+        raise ValueError("more than one rank needs torchrun's variables")
     port = str(free_port())
     cmd = [sys.executable, "-m", module, *args]
     with tempfile.TemporaryDirectory(prefix="titan_geonorm_ranks_") as logs:
         ctx = preloaded()
         ranks = []
         for rank in range(nproc):
-            ranked = dict(
-                RANK=str(rank),
-                LOCAL_RANK=str(rank),
-                WORLD_SIZE=str(nproc),
-                LOCAL_WORLD_SIZE=str(nproc),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=port,
-            )
-            rank_env = env(**{**(ranked if torchrun_env or nproc > 1 else {}), **(extra_env or {})})
+            ranked = _torchrun_vars(rank, nproc, port) if torchrun_env else {}
+            rank_env = env(**ranked, **(extra_env or {}))
             out, err = os.path.join(logs, f"{rank}.out"), os.path.join(logs, f"{rank}.err")
             process = ctx.Process(target=_run_as_main, args=(module, list(args), rank_env, out, err))
             process.start()
@@ -99,6 +100,18 @@ def run_module(
     if check and returncode != 0:
         raise AssertionError(f"{module} failed (rc={returncode}): {' '.join(cmd)}\n{stdout[-4000:]}\n{stderr[-8000:]}")
     return proc
+
+
+def _torchrun_vars(rank: int, nproc: int, port: str) -> dict[str, str]:
+    world = str(nproc)
+    return dict(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=world,
+        LOCAL_WORLD_SIZE=world,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=port,
+    )
 
 
 def cli(module: str, *args: str, extra_env: dict[str, str] | None = None, timeout: int = 300):

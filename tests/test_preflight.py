@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.launch import TINY_CONFIG, cli
+from tests.launch import TINY_CONFIG, cli, trainer_args
 from titan_geonorm.titan.launcher import parse_config
 from titan_geonorm.titan.preflight import ConfigError, run_preflight
 
@@ -63,10 +63,7 @@ def test_missing_config_file_is_refused(monkeypatch):
 def test_cli_exits_2_with_one_line_before_any_compute(tmp_path):
     proc = cli(
         "titan_geonorm.train",
-        "--job.config_file",
-        str(TINY_CONFIG),
-        "--job.dump_folder",
-        str(tmp_path),
+        *trainer_args(tmp_path),
         "--model.flavor",
         "9T",
         extra_env={"WORLD_SIZE": "1"},

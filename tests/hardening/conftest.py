@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import REPO, TINY_CONFIG, env, run_module, torchrun_cmd, train
+from tests.launch import REPO, env, run_module, torchrun_cmd, train, trainer_args
 
 FSDP2 = ("--parallelism.data_parallel_shard_degree", "2")
 
@@ -34,15 +34,7 @@ def launch(
 ) -> subprocess.CompletedProcess:
     """Run the trainer with `tests.hardening.faults` loaded; returns without checking rc. Restarts
     are the torchrun agent's work, so `max_restarts > 0` runs under real torchrun."""
-    args = [
-        "--job.config_file",
-        str(TINY_CONFIG),
-        "--job.dump_folder",
-        str(dump),
-        "--experimental.custom_import",
-        "tests.hardening.faults",
-        *overrides,
-    ]
+    args = trainer_args(dump, "--experimental.custom_import", "tests.hardening.faults", *overrides)
     if max_restarts == 0:
         return run_module("titan_geonorm.train", *args, nproc=nproc, extra_env=faults, check=False)
     cmd = torchrun_cmd(nproc) + ["--max-restarts", str(max_restarts), "-m", "titan_geonorm.train", *args]

@@ -6,7 +6,7 @@ import tomllib
 
 import pytest
 
-from tests.launch import TINY_CONFIG, cli
+from tests.launch import TINY_CONFIG, cli, trainer_args
 from titan_geonorm.titan.launcher import parse_config
 from titan_geonorm.titan.preflight import ConfigError, run_preflight
 
@@ -210,10 +210,7 @@ def test_launcher_refuses_before_any_compute(tmp_path):
     dump = tmp_path / "dump"
     proc = cli(
         "titan_geonorm.train",
-        "--job.config_file",
-        str(TINY_CONFIG),
-        "--job.dump_folder",
-        str(dump),
+        *trainer_args(dump),
         "--parallelism.tensor_parallel_degree",
         "2",
         "--compile.enable",

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint import filesystem
 from torch.distributed.checkpoint.api import CheckpointException
 from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
 
-from tests.launch import TINY_CONFIG, cli
+from tests.launch import TINY_CONFIG, cli, trainer_args
 from titan_geonorm.export.load import (
     check_trained_as,
     load_checkpoint,
@@ -110,10 +110,7 @@ def test_launcher_refuses_a_truncated_shard_before_any_compute(dump):
     before = snapshot(dump)
     proc = cli(
         "titan_geonorm.train",
-        "--job.config_file",
-        str(TINY_CONFIG),
-        "--job.dump_folder",
-        str(dump),
+        *trainer_args(dump),
         "--checkpoint.enable",
         timeout=300,
     )

@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 
-from tests.launch import REPO, TINY_CONFIG, cli, env
+from tests.launch import REPO, TINY_CONFIG, cli, env, trainer_args
 from titan_geonorm.titan.lock import lock_dump_folder
 
 HOLD = (
@@ -22,10 +22,7 @@ def test_second_run_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         second = cli(
             "titan_geonorm.train",
-            "--job.config_file",
-            str(TINY_CONFIG),
-            "--job.dump_folder",
-            str(dump),
+            *trainer_args(dump),
             "--training.steps",
             "1",
             timeout=120,
