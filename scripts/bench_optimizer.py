@@ -8,12 +8,16 @@ on a batch of random matrices (W on its manifold, G Gaussian), for each solver:
   the optimum, over float64 dual ascent with exact polar factors, so the fraction is a lower
   bound); not computed for the 8B shapes;
 - `||A||_2` and the tangent violation `RMS(P(W^T A + A^T W) sqrt(M))`.
+Stiefel also gets a row per `--closed-form` variant (Newton-Schulz steps, input scaling and the
+schedule's lower bound). `--trained` reports the closed forms' objective on the momentum of a
+small llama3 trained briefly on `../shared` text, whose long-tailed spectra are harder than
+Gaussian ones.
 
 Whole-model arms (`--model`), at world 1 (plain tensors) and world 2 (FSDP2 on gloo, or NCCL on
 GPUs): optimizer step time and its ratio to Muon, per-rank orthogonalization time (thread CPU time
 stays meaningful when other processes share the cores), dual iterations, tangent violation.
 
-    python scripts/bench_optimizer.py --shapes 256x256,1024x256 [--llama8b] [--model] [--json out.json]
+    python scripts/bench_optimizer.py --shapes 256x256,1024x256 [--trained] [--llama8b] [--model] [--json out.json]
 """
 
 # isort: off
@@ -26,6 +30,7 @@ import os
 import socket
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -37,6 +42,7 @@ from titan_geonorm.optim.config import ManifoldMuonConfig
 from titan_geonorm.optim.geometries import (
     GEOMETRIES,
     DualSettings,
+    MsignSettings,
     StepSettings,
     dgram_direction,
     dgram_metric,
@@ -49,6 +55,7 @@ from titan_geonorm.optim.geometries import (
 )
 from titan_geonorm.optim.manifold_muon import ManifoldMuon
 
+_SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
 LLAMA3_8B = {"wq/wo": (4096, 4096), "wk/wv": (1024, 4096), "w1/w3": (14336, 4096), "w2": (4096, 14336)}
 # Per layer: how many of each, and their geometry under `hetero`.
 LLAMA3_8B_HETERO = {"wq/wo": (2, "stiefel"), "wk/wv": (2, "stiefel"), "w1/w3": (2, "dgram"), "w2": (1, "dgram")}
@@ -228,25 +235,42 @@ SOLVERS = {
 }
 
 
+def closed_form_variant(spec: str) -> tuple[str, MsignSettings]:
+    """`steps:scale:lower` (lower 0: the published schedule) -> (label, the skew msign's settings)."""
+    steps, scale, lower = spec.split(":")
+    label = f"cf {steps} {scale[:4]} {'pub' if float(lower) == 0 else lower}"
+    return label, MsignSettings("polar_express", int(steps), None, scale, float(lower) or None)
+
+
+def solvers(geometry: str, args) -> list[tuple[str, dict, MsignSettings | None]]:
+    """The default solver and the dual ascent; for Stiefel also every `--closed-form` variant."""
+    out = [(label, overrides, None) for label, overrides in SOLVERS[geometry]]
+    if geometry == "stiefel":
+        out += [(label, {}, settings) for label, settings in map(closed_form_variant, args.closed_form)]
+    return out
+
+
 def shape_rows(shape: tuple[int, int], batch: int, device: torch.device, exact: bool, args) -> list[dict]:
     """One step per geometry and solver on `batch` random `shape` matrices; see the module doc."""
     torch.manual_seed(0)
     g = torch.randn(batch, *shape, device=device)
     muon = cpu_time(lambda: muon_update(g), device, args.repeats)
     rows = []
-    for geometry, solvers in SOLVERS.items():
+    for geometry in SOLVERS:
         init = project_stiefel if geometry == "stiefel" else project_dgram
         w = init(torch.randn(batch, *shape, device=device))
         tall = shape[0] < shape[1]
         w_t, g_t = (w.mT, g.mT) if tall else (w, g)
         best = optimum(w_t.cpu(), g_t.cpu(), geometry, args.dual_reference) if exact else None
-        for label, overrides in solvers:
+        for label, overrides, closed_form in solvers(geometry, args):
             config = ManifoldMuonConfig(preset="hetero", **overrides).resolved()
             settings = StepSettings(
                 stiefel_solver=config.stiefel_solver,
                 dgram_solver=config.dgram_solver,
                 dual=DualSettings(steps=config.dual_steps, tol=config.dual_tol),
             )
+            if closed_form is not None:
+                settings = replace(settings, closed_form=closed_form)
             step = GEOMETRIES[geometry].step
             seconds = cpu_time(lambda: step(w, g, 0.02, None, settings), device, args.repeats)
             direction = stiefel_direction if geometry == "stiefel" else dgram_direction
@@ -266,6 +290,79 @@ def shape_rows(shape: tuple[int, int], batch: int, device: torch.device, exact: 
                 row |= {"objective": (value / best).min().item(), "norm_a": norm.max().item()}
             rows.append(row)
     return rows
+
+
+def trained_gradients(args) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, W, G) per layer matrix of a small llama3 trained `--trained-steps` AdamW steps on
+    `--text`: G the momentum (beta 0.95) of its gradients over the second half, W the matrix
+    projected onto Stiefel, both tall. Trained gradients have long-tailed spectra, which random
+    Gaussian ones do not."""
+    from tokenizers import Tokenizer
+
+    torch.manual_seed(0)
+    with open(args.text) as f:
+        ids = torch.tensor(Tokenizer.from_file(args.tokenizer).encode(f.read()[: args.trained_chars]).ids)
+    model_args = TransformerModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=2048, max_seq_len=256)
+    model = Transformer(model_args)
+    with torch.no_grad():
+        model.init_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    momentum = {}
+    for step in range(args.trained_steps):
+        starts = torch.randint(0, len(ids) - 257, (8,)).tolist()
+        batch = torch.stack([ids[i : i + 257] for i in starts])
+        loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        if 2 * step >= args.trained_steps:
+            for name, p in model.named_parameters():
+                if p.ndim == 2 and name.startswith("layers."):
+                    momentum[name] = 0.95 * momentum.get(name, torch.zeros_like(p)) + p.grad
+        opt.step()
+    print(f"trained {args.trained_steps} steps, loss {loss.item():.3f}", flush=True)
+    params = dict(model.named_parameters())
+    out = []
+    for name, g in momentum.items():
+        w = params[name].detach()
+        w, g = (w.mT, g.mT) if w.size(0) < w.size(1) else (w, g)
+        out.append((name.removesuffix(".weight"), project_stiefel(w[None]), g[None]))
+    return out
+
+
+def trained_rows(args) -> list[dict]:
+    """Objective, `||A||_2` and violation of every Stiefel closed-form variant on trained gradients."""
+    rows = []
+    for name, w, g in trained_gradients(args):
+        best = optimum(w, g, "stiefel", 0)
+        for label, _, closed_form in solvers("stiefel", args):
+            if label.startswith("dual"):
+                continue
+            settings = StepSettings() if closed_form is None else replace(StepSettings(), closed_form=closed_form)
+            a = stiefel_direction(w, g, None, settings).update
+            norm = torch.linalg.matrix_norm(a.double(), ord=2)
+            value = (g.double() * a.double()).sum((-2, -1)) / norm / best
+            violation = tangent_violation(w, a, "stiefel").item()
+            rows.append(
+                {"matrix": name, "shape": list(w.shape[1:]), "solver": label, "objective": value.item()}
+                | {"norm_a": norm.item(), "violation": violation}
+            )
+    return rows
+
+
+def print_trained_rows(rows: list[dict]) -> None:
+    labels = list(dict.fromkeys(r["solver"] for r in rows))
+    print(f"{'objective on trained momentum':30} " + " ".join(f"{label:>18}" for label in labels))
+    for kind in dict.fromkeys(r["matrix"].rsplit(".", 1)[-1] for r in rows):
+        cells = []
+        for label in labels:
+            values = [r["objective"] for r in rows if r["solver"] == label and r["matrix"].endswith("." + kind)]
+            cells.append(f"{min(values):.4f}/{statistics.mean(values):.4f}")
+        shape = "x".join(map(str, next(r["shape"] for r in rows if r["matrix"].endswith("." + kind))))
+        print(f"{kind + ' ' + shape + ' (min/mean)':30} " + " ".join(f"{c:>18}" for c in cells))
+    for label in labels:
+        values = [r["objective"] for r in rows if r["solver"] == label]
+        worst = max(r["violation"] for r in rows if r["solver"] == label)
+        print(f"{label:18} all: min {min(values):.4f} mean {statistics.mean(values):.4f}, violation <= {worst:.1e}")
 
 
 def print_shape_rows(rows: list[dict]) -> None:
@@ -346,6 +443,19 @@ def main() -> None:
     parser.add_argument(
         "--dual-reference", type=int, default=300, help="float64 dual-ascent iterations of the DGram reference optimum"
     )
+    parser.add_argument(
+        "--closed-form",
+        type=lambda v: [x for x in v.split(",") if x],
+        default=["6:frobenius:0", "5:moment:3e-3", "7:moment:3e-4"],
+        help="extra Stiefel closed-form rows, comma-separated steps:scale:lower (lower 0: published schedule)",
+    )
+    parser.add_argument(
+        "--trained", action="store_true", help="objective of the closed forms on trained momentum (needs --text)"
+    )
+    parser.add_argument("--trained-steps", type=int, default=80)
+    parser.add_argument("--trained-chars", type=int, default=600_000)
+    parser.add_argument("--text", default=os.path.join(_SHARED, "text", "bleak_house.txt"))
+    parser.add_argument("--tokenizer", default=os.path.join(_SHARED, "tokenizer", "tokenizer.json"))
     parser.add_argument("--llama8b", action="store_true", help="one step of each Llama-3 8B layer shape (slow)")
     parser.add_argument("--model", action="store_true", help="whole-model arms at --worlds")
     parser.add_argument("--dim", type=int, default=128)
@@ -378,6 +488,12 @@ def main() -> None:
             rows += shape_rows(shape, args.shape_batch, device, True, args)
         print_shape_rows(rows)
         results["shapes"] = rows
+    if args.trained:
+        for path in (args.text, args.tokenizer):
+            if not os.path.isfile(path):
+                raise SystemExit(f"--trained needs {path} (the text and tokenizer of ../shared/data)")
+        results["trained"] = trained_rows(args)
+        print_trained_rows(results["trained"])
     if args.llama8b:
         results["llama8b"] = llama8b_rows(device, args)
     if args.model:

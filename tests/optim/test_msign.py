@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from titan_geonorm.optim.msign import JORDAN_COEFFS, POLAR_EXPRESS_COEFFS, msign
+from titan_geonorm.optim.msign import JORDAN_COEFFS, POLAR_EXPRESS_COEFFS, msign, polar_express_schedule
 
 
 def polar_svd(x: torch.Tensor) -> torch.Tensor:
@@ -61,8 +61,68 @@ def test_bf16_compute_dtype_keeps_input_dtype():
     assert (y - polar_svd(x)).abs().max() < 0.1  # bf16 has ~3 significant digits
 
 
+def _compose(schedule, s):
+    for a, b, c in schedule:
+        s = a * s + b * s**3 + c * s**5
+    return s
+
+
+@pytest.mark.parametrize("lower", [1e-3, 1e-2])
+def test_computed_schedule_is_minimax_step_by_step(lower):
+    schedule = polar_express_schedule(lower, 6)
+    lo, hi = lower, 1.0
+    for i, (a, b, c) in enumerate(schedule[:4]):
+        if i < len(schedule) - 1:
+            a, b, c = a * 1.01, b * 1.01**3, c * 1.01**5  # undo the safety factor
+        s = torch.linspace(lo, hi, 20001, dtype=torch.float64)
+        err = 1 - (a * s + b * s**3 + c * s**5)
+        e = err.abs().max()
+        # Equioscillation (+E, -E, +E, -E): the error is +E at lo, -E at hi, and its interior
+        # extremes reach the same size, so no odd quintic does better on [lo, hi].
+        assert err[0] == pytest.approx(e.item(), rel=1e-6) and err[-1] == pytest.approx(-e.item(), rel=1e-6)
+        assert err.min() == pytest.approx(-e.item(), rel=1e-6) and err.max() == pytest.approx(e.item(), rel=1e-6)
+        lo, hi = 1 - e.item(), 1 + e.item()
+    # After 6 steps on [lower, 1] (the safety factor included): the published schedule, built for
+    # 1e-3 with a cushion, is within 5.6e-3 of 1 at 1e-3 and 2.6e-3 at 1e-2; the computed one
+    # within 3.7e-3 and 1e-12.
+    s = torch.linspace(lower, 1, 20001, dtype=torch.float64)
+    published = (_compose(POLAR_EXPRESS_COEFFS[:6], s) - 1).abs().max()
+    computed = (_compose(schedule, s) - 1).abs().max()
+    assert computed < (0.7 if lower == 1e-3 else 1e-6) * published
+
+
+MOMENT = dict(scale="moment", lower=1e-3)
+
+
+def test_moment_scaling_bounds_the_spectrum_tighter_and_converges():
+    torch.manual_seed(0)
+    u, _, vh = torch.linalg.svd(torch.randn(2, 96, 64), full_matrices=False)
+    sv = 1 / torch.arange(1, 65.0)  # a long-tailed spectrum, as gradients have
+    x = u * sv @ vh
+    gram = x @ x.mT
+    bound = torch.linalg.matrix_norm(gram @ gram).pow(0.25)
+    # An upper bound of s_max within 0.1% of it here, where ||X||_F is 28% above it.
+    assert (bound >= sv[0]).all() and (bound < 1.001 * sv[0]).all()
+    assert (torch.linalg.matrix_norm(x) > 1.25 * sv[0]).all()
+    exact = polar_svd(x)
+    # Condition ~350 with many mid-sized singular values: ||X||_F / s_max ~ 2.4, so after the
+    # Frobenius division the spectrum starts lower and 6 steps leave it > 10x further from 1.
+    spread = torch.randn(2, 160, 128) * torch.logspace(0, -2, 128)
+    errors = [(torch.linalg.svdvals(msign(spread, 6, **kw)) - 1).abs().max() for kw in ({}, MOMENT)]
+    assert errors[1] < 0.1 * errors[0]
+    assert (msign(x, steps=12, scale="moment") - exact).abs().max() < 1e-4
+    assert torch.equal(msign(torch.zeros(2, 8, 8), scale="moment"), torch.zeros(2, 8, 8))
+    assert (
+        msign(x, steps=8, dtype=torch.bfloat16, scale="moment") - msign(x, steps=8, scale="moment")
+    ).abs().max() < 0.1
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="method"):
         msign(torch.randn(4, 4), method="newton")
     with pytest.raises(ValueError, match="steps"):
         msign(torch.randn(4, 4), steps=0)
+    with pytest.raises(ValueError, match="scale"):
+        msign(torch.randn(4, 4), scale="spectral")
+    with pytest.raises(ValueError, match="lower"):
+        msign(torch.randn(4, 4), lower=1.0)

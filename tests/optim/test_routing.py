@@ -100,6 +100,9 @@ def test_refusals_name_the_culprit():
         ("dgram_init", "qr"),
         ("stiefel_retraction", "cayley"),
         ("closed_form_steps", 0),
+        ("closed_form_scale", "spectral"),
+        ("closed_form_lower", 1.0),
+        ("closed_form_lower", -1e-3),
         ("warm_start", "yes"),
     ],
 )

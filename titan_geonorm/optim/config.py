@@ -19,7 +19,7 @@ from titan_geonorm.optim.geometries import (
     STIEFEL_RETRACTIONS,
     STIEFEL_SOLVERS,
 )
-from titan_geonorm.optim.msign import MSIGN_METHODS
+from titan_geonorm.optim.msign import MSIGN_METHODS, MSIGN_SCALES
 from titan_geonorm.optim.routing import PRESETS, parse_rules
 
 __all__ = ["MOMENTUM_STYLES", "PRESET_SETTINGS", "ManifoldMuonConfig"]
@@ -126,8 +126,18 @@ class ManifoldMuonConfig:
     applied last either way. Default stiefel_repair (docs/benchmarks.md)."""
 
     closed_form_steps: int = 6
-    """Polar Express iterations on the skew matrix of the closed forms: 5 leave ||A|| at ~1.12 and
-    reach 0.88-0.91 of the optimal objective, 6 reach >= 0.998."""
+    """Polar Express iterations on the skew matrix of the closed forms. At the default scale and
+    lower bound: 6 reach >= 0.9985 of the optimal objective on Gaussian gradients and >= 0.994 on
+    trained momentum (whose spectra have long tails), 7 (with closed_form_lower = 3e-4) >= 0.998,
+    5 (with 3e-3) 0.979-0.99 (docs/benchmarks.md)."""
+
+    closed_form_scale: str = "moment"
+    """Input scaling of that Newton-Schulz: moment (the bound `||(X X^T)^2||_F^(1/4)` on the
+    largest singular value, free from the first iteration's products) | frobenius."""
+
+    closed_form_lower: float = 1e-3
+    """Smallest singular value, relative to the scaling bound, the Polar Express schedule of the
+    closed forms is built for (`msign.polar_express_schedule`); 0 takes the published schedule."""
 
     stiefel_retraction: str | None = None
     """quintic: `Y = (W - eta A)/sqrt(1 + eta^2)`, one classical Newton-Schulz quintic | msign
@@ -206,6 +216,8 @@ class ManifoldMuonConfig:
         for key in ("muon_lr", "stiefel_lr", "dgram_lr", "dual_alpha"):
             if not getattr(config, key) > 0:
                 raise ValueError(f"{_KEY}.{key} = {getattr(config, key)!r}: must be > 0")
+        if not 0 <= config.closed_form_lower < 1:
+            raise ValueError(f"{_KEY}.closed_form_lower = {config.closed_form_lower!r}: must be in [0, 1)")
         for key in ("muon_weight_decay", "dual_tol"):
             if not getattr(config, key) >= 0:
                 raise ValueError(f"{_KEY}.{key} = {getattr(config, key)!r}: must be >= 0")
@@ -218,6 +230,7 @@ class ManifoldMuonConfig:
         choices = {
             "muon_scale": MUON_SCALES,
             "msign_method": MSIGN_METHODS,
+            "closed_form_scale": MSIGN_SCALES,
             "msign_dtype": _MSIGN_DTYPES,
             "momentum_style": MOMENTUM_STYLES,
             "stiefel_solver": STIEFEL_SOLVERS,

@@ -116,9 +116,11 @@ class MsignSettings:
     method: str = "polar_express"
     steps: int = 8
     dtype: torch.dtype | None = None
+    scale: str = "frobenius"
+    lower: float | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return msign(x, self.steps, self.method, self.dtype)
+        return msign(x, self.steps, self.method, self.dtype, scale=self.scale, lower=self.lower)
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ class StepSettings:
     muon_scale: str = "original"
     muon: MsignSettings = MsignSettings(steps=5)
     """Newton-Schulz of the muon update."""
-    closed_form: MsignSettings = MsignSettings(steps=6)
+    closed_form: MsignSettings = MsignSettings(steps=6, scale="moment", lower=1e-3)
     """Newton-Schulz of the skew matrix in the Stiefel closed form (also DGram's repair)."""
     dual: DualSettings = DualSettings()
     dual_orth: MsignSettings = MsignSettings(steps=5)

@@ -175,7 +175,13 @@ class ManifoldMuon(torch.optim.Optimizer):
         self.settings = StepSettings(
             muon_scale=config.muon_scale,
             muon=MsignSettings(config.msign_method, config.msign_steps, dtype),
-            closed_form=MsignSettings("polar_express", config.closed_form_steps, dtype),
+            closed_form=MsignSettings(
+                "polar_express",
+                config.closed_form_steps,
+                dtype,
+                config.closed_form_scale,
+                config.closed_form_lower or None,
+            ),
             dual=DualSettings(
                 config.dual_steps,
                 config.dual_alpha,
