@@ -1,7 +1,9 @@
+import importlib
+
 import pytest
 import torch
 
-from titan_geonorm.optim.msign import JORDAN_COEFFS, POLAR_EXPRESS_COEFFS, msign, polar_express_schedule
+from titan_geonorm.optim.msign import JORDAN_COEFFS, POLAR_EXPRESS_COEFFS, msign, msign_skew, polar_express_schedule
 
 
 def polar_svd(x: torch.Tensor) -> torch.Tensor:
@@ -117,6 +119,27 @@ def test_moment_scaling_bounds_the_spectrum_tighter_and_converges():
     ).abs().max() < 0.1
 
 
+@pytest.mark.parametrize("k,rest", [(24, 24), (23, 24), (16, 40)])
+@pytest.mark.parametrize("kw", [{}, MOMENT, {"method": "jordan"}], ids=["published", "moment", "jordan"])
+@pytest.mark.parametrize("by_blocks", [True, False])
+def test_skew_blocks_equal_the_full_iteration(k, rest, kw, by_blocks, monkeypatch):
+    # Small blocks normally take the full iteration; a zero threshold forces the block products.
+    if by_blocks:
+        # (The package re-exports the function `msign`, which shadows the module's name.)
+        monkeypatch.setattr(importlib.import_module("titan_geonorm.optim.msign"), "_MIN_SKEW_BLOCK", 0)
+    torch.manual_seed(0)
+    x = torch.randn(3, k + rest, k + rest)
+    x = x - x.mT
+    x[1] = 0  # a zero matrix stays zero
+    full = msign(x, 6, **kw)
+    u11, u21, u22 = msign_skew(x[:, :k, :k], x[:, k:, :k], x[:, k:, k:], 6, **kw)
+    blocks = torch.cat([torch.cat([u11, -u21.mT], -1), torch.cat([u21, u22], -1)], -2)
+    assert (blocks - full).abs().max() < 1e-5
+    # Skew by construction, not up to rounding.
+    assert torch.equal(u11, -u11.mT) and torch.equal(u22, -u22.mT)
+    assert blocks[1].abs().max() == 0
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="method"):
         msign(torch.randn(4, 4), method="newton")
@@ -126,3 +149,5 @@ def test_bad_arguments_are_refused():
         msign(torch.randn(4, 4), scale="spectral")
     with pytest.raises(ValueError, match="lower"):
         msign(torch.randn(4, 4), lower=1.0)
+    with pytest.raises(ValueError, match="scale"):
+        msign_skew(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 2), scale="spectral")

@@ -27,11 +27,11 @@ odd polynomial in it, hence skew: the direction is tangent whatever the polynomi
 which only sets `||A||` (as in Muon). In the `m <= 2n` form a final `A <- A - W sym(W^T A)` in fp32
 removes rounding.
 Two ways to compute it:
-- `m <= 2n`: form the m x m matrix C and take `msign(C) W`.
+- `m <= 2n`: form the m x m matrix C and take `msign(C) W`, on C's blocks (`msign_skew`).
 - `m > 2n`: C lives in the 2n-dim span of W and `G_perp = G - W W^T G = Q R` (thin QR, fp32, Q
   re-orthogonalized against W). With `S = W^T G - G^T W`, `C = [W Q] [[S, -R^T], [R, 0]] [W Q]^T`,
-  so with U = msign of that 2n x 2n matrix, `A = W skew(U_11) + Q U_21`, tangent up to W^T Q's
-  rounding without the final projection.
+  so with U = msign of that 2n x 2n matrix (by blocks), `A = W U_11 + Q U_21`, tangent up to
+  W^T Q's rounding without the final projection.
 
 **Dual ascent** (Stiefel for comparison, DGram). The Lagrangian with a symmetric multiplier
 `Lambda` (projected by `P`: identity for Stiefel, `Off` for DGram) is `<G + 2 W P(Lambda), A>`,
@@ -59,7 +59,7 @@ from typing import Callable
 
 import torch
 
-from titan_geonorm.optim.msign import msign
+from titan_geonorm.optim.msign import msign, msign_skew
 
 __all__ = [
     "GEOMETRIES",
@@ -121,6 +121,10 @@ class MsignSettings:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return msign(x, self.steps, self.method, self.dtype, scale=self.scale, lower=self.lower)
+
+    def skew(self, p: torch.Tensor, q: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The same Newton-Schulz on the skew matrix `[[P, -Q^T], [Q, T]]`, by blocks (`msign_skew`)."""
+        return msign_skew(p, q, t, self.steps, self.method, self.dtype, scale=self.scale, lower=self.lower)
 
 
 @dataclass(frozen=True)
@@ -322,18 +326,20 @@ def stiefel_closed_form(w: torch.Tensor, g: torch.Tensor, orth: MsignSettings) -
     m, n = w.shape[-2:]
     if m <= 2 * n:
         x = g @ w.mT
-        a = orth(x - x.mT) @ w
-    else:
-        y = w.mT @ g
-        q, r = torch.linalg.qr(g - w @ y)
-        # QR amplifies G_perp's O(eps ||G||) component along W where G_perp is small; removing it
-        # from Q afterwards leaves W^T Q at rounding level, so W^T A = skew(U_11) + O(eps) with
-        # no final projection (the directions where Q loses its norm have tiny U_21 rows).
-        q = q - w @ (w.mT @ q)
-        k = torch.cat([torch.cat([y - y.mT, -r.mT], -1), torch.cat([r, torch.zeros_like(r)], -1)], -2)
-        u = orth(k)
-        return w @ (0.5 * (u[..., :n, :n] - u[..., :n, :n].mT)) + q @ u[..., n:, :n]
-    return stiefel_tangent(w, a)
+        c, k = x - x.mT, m // 2
+        u11, u21, u22 = orth.skew(c[..., :k, :k], c[..., k:, :k], c[..., k:, k:])
+        top, bottom = w[..., :k, :], w[..., k:, :]
+        a = torch.cat([u11 @ top - u21.mT @ bottom, u21 @ top + u22 @ bottom], -2)
+        return stiefel_tangent(w, a)
+    y = w.mT @ g
+    q, r = torch.linalg.qr(g - w @ y)
+    # QR amplifies G_perp's O(eps ||G||) component along W where G_perp is small; removing it
+    # from Q afterwards leaves W^T Q at rounding level, so W^T A = U_11 + O(eps) (skew by
+    # construction) with no final projection (the directions where Q loses its norm have tiny
+    # U_21 rows).
+    q = q - w @ (w.mT @ q)
+    u11, u21, _ = orth.skew(y - y.mT, r, torch.zeros_like(r))
+    return w @ u11 + q @ u21
 
 
 def stiefel_retract(y: torch.Tensor, lr: float, settings: StepSettings) -> torch.Tensor:

@@ -22,13 +22,27 @@ Scaling (`scale`): `frobenius` divides by ||X||_F. `moment` divides by `||(X X^T
 = (sum s^8)^(1/8)`, also an upper bound of the largest singular value but much tighter for the
 spread spectra of gradients (0.66 of s_max against 0.09 for a 512 x 512 Gaussian), at no extra
 matrix product: the first iteration's X X^T and its square are rescaled instead of recomputed.
+
+Skew matrices (`msign_skew`): every iterate of a skew X is skew, so `X X^T` and its square are
+symmetric and the update `P X` is skew again. On the blocks `X = [[P, -Q^T], [Q, T]]` (P, T skew)
+that needs 3 of the 4 blocks of each product, 18 block products per step instead of 24, and the
+iterate stays exactly skew by construction (P and T are re-skewed every step) instead of up to
+rounding. Below 256 per block it runs the full iteration instead (the blocks are too small).
 """
 
 import functools
 
 import torch
 
-__all__ = ["JORDAN_COEFFS", "POLAR_EXPRESS_COEFFS", "MSIGN_METHODS", "MSIGN_SCALES", "msign", "polar_express_schedule"]
+__all__ = [
+    "JORDAN_COEFFS",
+    "POLAR_EXPRESS_COEFFS",
+    "MSIGN_METHODS",
+    "MSIGN_SCALES",
+    "msign",
+    "msign_skew",
+    "polar_express_schedule",
+]
 
 JORDAN_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -52,6 +66,9 @@ MSIGN_SCALES = ("frobenius", "moment")
 
 # Keeps an all-zero input at zero instead of dividing by zero.
 _EPS = 1e-7
+# Below this block size the block products of `msign_skew` are too small to pay on CPU (1 thread:
+# 1.7x slower than the full iteration at 64, 1.06-1.08x at 128; 0.86-0.93x from 256 to 1024).
+_MIN_SKEW_BLOCK = 256
 
 
 def _minimax_quintic(lo: float, hi: float) -> tuple[float, float, float]:
@@ -100,6 +117,13 @@ def _coefficients(method: str, steps: int, lower: float | None) -> list[tuple[fl
     raise ValueError(f"msign method must be one of {MSIGN_METHODS}, got {method!r}")
 
 
+def _check(steps: int, scale: str) -> None:
+    if steps < 1:
+        raise ValueError(f"msign needs steps >= 1, got {steps}")
+    if scale not in MSIGN_SCALES:
+        raise ValueError(f"msign scale must be one of {MSIGN_SCALES}, got {scale!r}")
+
+
 def msign(
     x: torch.Tensor,
     steps: int = 8,
@@ -118,10 +142,7 @@ def msign(
     """
     if x.ndim < 2:
         raise ValueError(f"msign needs a matrix or a batch of matrices, got shape {tuple(x.shape)}")
-    if steps < 1:
-        raise ValueError(f"msign needs steps >= 1, got {steps}")
-    if scale not in MSIGN_SCALES:
-        raise ValueError(f"msign scale must be one of {MSIGN_SCALES}, got {scale!r}")
+    _check(steps, scale)
     coeffs = _coefficients(method, steps, lower)
     if dtype is None:
         dtype = torch.bfloat16 if x.is_cuda else torch.float32
@@ -154,3 +175,74 @@ def msign(
     if tall:
         y = y.mT
     return y.reshape(x.shape).to(x.dtype)
+
+
+def _skew(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (x - x.mT)
+
+
+def _sq(x: torch.Tensor) -> torch.Tensor:
+    """Squared Frobenius norm per matrix, `(B, 1, 1)`."""
+    return x.square().sum((-2, -1), keepdim=True)
+
+
+def msign_skew(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    t: torch.Tensor,
+    steps: int = 8,
+    method: str = "polar_express",
+    dtype: torch.dtype | None = None,
+    *,
+    scale: str = "frobenius",
+    lower: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`msign` of the skew matrix `X = [[P, -Q^T], [Q, T]]` given as its blocks `P (B, k, k)`,
+    `Q (B, l, k)`, `T (B, l, l)` (P, T skew); returns the blocks of the result in fp32 (or the
+    inputs' wider dtype), the iteration in `dtype`. Same iteration as `msign` (module doc).
+
+    With `X X^T = [[A, B], [B^T, D]]`: `A = P P^T + Q^T Q`, `B = P Q^T + Q^T T`, `D = Q Q^T + T T^T`;
+    its square `[[A^2 + B B^T, A B + B D], [., B^T B + D^2]]`; and for the symmetric polynomial
+    `[[A', B'], [B'^T, D']]` the update `a X + poly X` has blocks `a P + A' P + B' Q`,
+    `a Q + B'^T P + D' Q` and `a T + D' T - B'^T Q^T`.
+    """
+    _check(steps, scale)
+    if min(p.size(-1), t.size(-1)) < _MIN_SKEW_BLOCK:
+        x = torch.cat([torch.cat([p, -q.mT], -1), torch.cat([q, t], -1)], -2)
+        u = msign(x.to(torch.promote_types(x.dtype, torch.float32)), steps, method, dtype, scale=scale, lower=lower)
+        k = p.size(-1)
+        return _skew(u[..., :k, :k]), u[..., k:, :k], _skew(u[..., k:, k:])
+    coeffs = _coefficients(method, steps, lower)
+    work = torch.promote_types(p.dtype, torch.float32)
+    if dtype is None:
+        dtype = torch.bfloat16 if p.is_cuda else torch.float32
+    shapes = [x.shape for x in (p, q, t)]
+    p, q, t = (x.to(work).reshape(-1, *x.shape[-2:]) for x in (p, q, t))
+    norm = (_sq(p) + 2 * _sq(q) + _sq(t)).sqrt()
+    if method == "polar_express":
+        norm = norm * _SAFETY
+    p, q, t = ((x / (norm + _EPS)).to(dtype) for x in (p, q, t))
+    for i, (a, b, c) in enumerate(coeffs):
+        gram_a = torch.baddbmm(q.mT @ q, p, p.mT)
+        gram_b = torch.baddbmm(q.mT @ t, p, q.mT)
+        gram_d = torch.baddbmm(q @ q.mT, t, t.mT)
+        square_a = torch.baddbmm(gram_a @ gram_a, gram_b, gram_b.mT)
+        square_b = torch.baddbmm(gram_a @ gram_b, gram_b, gram_d)
+        square_d = torch.baddbmm(gram_b.mT @ gram_b, gram_d, gram_d)
+        if i == 0 and scale == "moment":
+            bound = (_sq(square_a.float()) + 2 * _sq(square_b.float()) + _sq(square_d.float())).pow(0.125)
+            if method == "polar_express":
+                bound = bound * _SAFETY
+            bound = (bound + _EPS).to(dtype)
+            p, q, t = p / bound, q / bound, t / bound
+            gram_a, gram_b, gram_d = (x / bound.square() for x in (gram_a, gram_b, gram_d))
+            square_a, square_b, square_d = (x / bound.pow(4) for x in (square_a, square_b, square_d))
+        poly_a = torch.add(b * gram_a, square_a, alpha=c)
+        poly_b = torch.add(b * gram_b, square_b, alpha=c)
+        poly_d = torch.add(b * gram_d, square_d, alpha=c)
+        p, q, t = (
+            _skew(torch.baddbmm(torch.baddbmm(p, poly_a, p, beta=a), poly_b, q)),
+            torch.baddbmm(torch.baddbmm(q, poly_b.mT, p, beta=a), poly_d, q),
+            _skew(torch.baddbmm(torch.baddbmm(t, poly_d, t, beta=a), poly_b.mT, q.mT, alpha=-1)),
+        )
+    return tuple(x.to(work).reshape(shape) for x, shape in zip((p, q, t), shapes))
