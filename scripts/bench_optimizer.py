@@ -2,7 +2,8 @@
 
 Per matrix shape (`--shapes`, and the Llama-3 8B layer shapes with `--llama8b`), one geometry step
 on a batch of random matrices (W on its manifold, G Gaussian), for each solver:
-- x Muon: CPU time (this thread) of the whole step over one 5-step Muon msign of the same G;
+- x Muon: CPU time (this thread) of the whole step over one 5-step Muon msign of the same G, the
+  two timed in alternation (median of the per-round ratio);
 - objective: `<G, A> / ||A||_2` as a fraction of the float64 optimum (Stiefel: `||C||_* / 2`
   exactly; DGram: the smallest value of the dual `||G + 2 W Off(Lambda)||_*`, an upper bound of
   the optimum, over float64 dual ascent with exact polar factors, so the fraction is a lower
@@ -204,6 +205,15 @@ def cpu_time(fn, device: torch.device, repeats: int) -> float:
     return (clock() - start) / repeats
 
 
+def paired_time(fn, reference, device: torch.device, repeats: int) -> tuple[float, float, float]:
+    """(seconds of `fn`, seconds of `reference`, median of their per-round ratio): the two timed in
+    alternation, `repeats` rounds after a warm-up of each, so drift in machine load hits both."""
+    fn(), reference()
+    times = [(cpu_time(fn, device, 1), cpu_time(reference, device, 1)) for _ in range(repeats)]
+    ratio = statistics.median(a / b for a, b in times)
+    return statistics.median(a for a, _ in times), statistics.median(b for _, b in times), ratio
+
+
 def _polar64(x: torch.Tensor) -> torch.Tensor:
     u, _, vh = torch.linalg.svd(x, full_matrices=False)
     return u @ vh
@@ -254,7 +264,6 @@ def shape_rows(shape: tuple[int, int], batch: int, device: torch.device, exact: 
     """One step per geometry and solver on `batch` random `shape` matrices; see the module doc."""
     torch.manual_seed(0)
     g = torch.randn(batch, *shape, device=device)
-    muon = cpu_time(lambda: muon_update(g), device, args.repeats)
     rows = []
     for geometry in SOLVERS:
         init = project_stiefel if geometry == "stiefel" else project_dgram
@@ -272,7 +281,9 @@ def shape_rows(shape: tuple[int, int], batch: int, device: torch.device, exact: 
             if closed_form is not None:
                 settings = replace(settings, closed_form=closed_form)
             step = GEOMETRIES[geometry].step
-            seconds = cpu_time(lambda: step(w, g, 0.02, None, settings), device, args.repeats)
+            seconds, muon, ratio = paired_time(
+                lambda: step(w, g, 0.02, None, settings), lambda: muon_update(g), device, args.repeats
+            )
             direction = stiefel_direction if geometry == "stiefel" else dgram_direction
             a = direction(w_t, g_t, None, settings).update
             row = {
@@ -281,7 +292,7 @@ def shape_rows(shape: tuple[int, int], batch: int, device: torch.device, exact: 
                 "solver": label,
                 "muon_s": muon,
                 "step_s": seconds,
-                "x_muon": seconds / muon,
+                "x_muon": ratio,
                 "violation": tangent_violation(w_t, a, geometry).max().item(),
             }
             if exact:
@@ -439,7 +450,7 @@ def main() -> None:
         help="comma-separated out x in shapes for the per-shape table ('' for none)",
     )
     parser.add_argument("--shape-batch", type=int, default=2, help="matrices per shape")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per shape and solver")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (step, then Muon) per shape and solver")
     parser.add_argument(
         "--dual-reference", type=int, default=300, help="float64 dual-ascent iterations of the DGram reference optimum"
     )

@@ -7,7 +7,8 @@
 An arm is `variant/norm/optimizer[/key=value+key=value...]`: variant in pre|post|peri|geonorm (the
 `llama3_<variant>ln` / `llama3_geonorm` train specs), norm in rmsnorm|layernorm, optimizer `adamw` or a Manifold Muon
 preset (muon|all_stiefel|all_dgram|hetero|hetero_inv|paper), then optional `[geonorm]` keys of that arm
-(`geonorm/rmsnorm/adamw/radius=prenorm+attn_decay=harmonic`). Every (arm, seed) trains with
+(`geonorm/rmsnorm/adamw/radius=prenorm+attn_decay=harmonic`) or keys of any section written out
+(`pre/rmsnorm/hetero/optimizer.manifold_muon.dgram_solver=dual_ascent`). Every (arm, seed) trains with
 `python -m titan_geonorm.train` under torchrun (1 process) with diagnostics on, saves its final
 weights, and is scored by `titan_geonorm.evaluate` on the held-out split of the training text
 (`[validation] val_fraction`, never trained on), written once to `<out>/heldout.txt`.
@@ -49,8 +50,12 @@ def parse_arm(text: str) -> tuple[str, ...]:
         raise SystemExit(f"--arms: {text!r} is not variant/norm/optimizer[/geonorm keys]")
     variant, norm, opt = parts[:3]
     for item in parts[3:4] and parts[3].split("+"):
-        if variant != "geonorm" or "=" not in item:
-            raise SystemExit(f"--arms: {text!r}: the 4th part is key=value+... for geonorm arms")
+        key = item.split("=", 1)[0]
+        if "=" not in item or ("." not in key and variant != "geonorm"):
+            raise SystemExit(
+                f"--arms: {text!r}: the 4th part is key=value+... ([geonorm] keys for geonorm arms) or "
+                "section.key=value (e.g. optimizer.manifold_muon.dgram_solver=dual_ascent)"
+            )
     if variant not in MODEL_NAMES:
         raise SystemExit(f"--arms: variant {variant!r} not in {tuple(MODEL_NAMES)}")
     if norm not in NORMS:
@@ -119,9 +124,11 @@ def overrides(arm, seed: int, args, dump: Path) -> list[str]:
         ]
     for item in arm[3:4] and arm[3].split("+"):
         key, value = item.split("=", 1)
+        section, _, key = key.rpartition(".")
+        section = section or "geonorm"
         # Booleans are flags on torchtitan's command line.
-        flags = {"true": [f"--geonorm.{key}"], "false": [f"--geonorm.no-{key}"]}
-        out += flags.get(value.lower(), [f"--geonorm.{key}", value])
+        flags = {"true": [f"--{section}.{key}"], "false": [f"--{section}.no-{key}"]}
+        out += flags.get(value.lower(), [f"--{section}.{key}", value])
     return out + list(args.extra)
 
 

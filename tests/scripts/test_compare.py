@@ -13,12 +13,20 @@ compare = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(compare)
 
 
+_ARGS = compare.argparse.Namespace(config="c.toml", steps=10, log_freq=5, diag_freq=5, extra=[])
+
+
 def test_arms_take_every_preset_and_geonorm_keys():
     assert compare.parse_arm("pre/rmsnorm/paper") == ("pre", "rmsnorm", "paper")
     arm = compare.parse_arm("geonorm/rmsnorm/adamw/radius=prenorm+attn_decay=sqrt")
     assert compare.arm_id(arm) == "geonorm-rmsnorm-adamw-radius=prenorm+attn_decay=sqrt"
     with pytest.raises(SystemExit, match="4th part"):
         compare.parse_arm("pre/rmsnorm/adamw/radius=prenorm")
+    qualified = compare.parse_arm("pre/rmsnorm/hetero/optimizer.manifold_muon.dgram_solver=dual_ascent")
+    args = compare.overrides(qualified, 0, _ARGS, compare.REPO / "out")
+    assert args[-2:] == ["--optimizer.manifold_muon.dgram_solver", "dual_ascent"]
+    args = compare.overrides(arm, 0, _ARGS, compare.REPO / "out")
+    assert args[-4:] == ["--geonorm.radius", "prenorm", "--geonorm.attn_decay", "sqrt"]
     with pytest.raises(SystemExit, match="optimizer 'sgd'"):
         compare.parse_arm("pre/rmsnorm/sgd")
 
