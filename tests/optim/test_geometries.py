@@ -9,6 +9,7 @@ from titan_geonorm.optim.geometries import (
     DualSettings,
     MsignSettings,
     StepSettings,
+    dgram_factorized_direction,
     dgram_metric,
     dgram_repair_direction,
     dgram_retract,
@@ -271,14 +272,38 @@ def test_dgram_repair_is_exact_at_equal_column_norms_and_tangent_otherwise():
     g = torch.randn(2, 64, 24)
     orth = MsignSettings(steps=8)
     a = dgram_repair_direction(0.3 * q, g, orth)
-    # Equal norms: DGram's steepest direction is Stiefel's at Q (up to the free diagonal, which
-    # random gradients barely use), and the repair leaves it unchanged.
+    # Equal norms: the repair is Stiefel's direction at Q, which is DGram's steepest direction up
+    # to the free diagonal (random gradients barely use it; see the factorized test below).
     assert torch.allclose(a, stiefel_closed_form(q, g, orth), atol=1e-4)
     w = q * torch.exp(0.3 * torch.randn(2, 1, 24))
     a = dgram_repair_direction(w, g, orth)
     assert tangent_violation(w, a, "dgram").max() < 1e-6
     assert torch.allclose(torch.linalg.matrix_norm(a, ord=2), torch.ones(2), atol=1e-3)
     assert torch.allclose(spectral_norm(a).flatten(), torch.linalg.matrix_norm(a, ord=2), rtol=1e-3)
+
+
+def test_dgram_factorized_moves_the_column_norms_the_repair_leaves():
+    torch.manual_seed(0)
+    q = project_stiefel(torch.randn(2, 64, 24))
+    w = q * torch.exp(0.3 * torch.randn(2, 1, 24))
+    orth = MsignSettings(steps=8)
+    # A gradient that only asks the column norms to change: the repair's direction is ~0 (its
+    # diag(W^T A) is zero by construction), the factorized one is exactly the sign step on them.
+    norm_grad = q * torch.randn(2, 1, 24)
+    repair = dgram_repair_direction(w, norm_grad, orth)
+    factorized = dgram_factorized_direction(w, norm_grad, orth)
+    assert (norm_grad * repair).sum() < 1e-3 * (norm_grad * factorized).sum()
+    assert torch.allclose(factorized - repair, q * torch.sign((q * norm_grad).sum(-2, keepdim=True)), atol=1e-6)
+    g = torch.randn(2, 64, 24) + norm_grad
+    a = dgram_factorized_direction(w, g, orth)
+    assert tangent_violation(w, a, "dgram").max() < 1e-6
+    assert ((g * a).sum((-2, -1)) > (g * dgram_repair_direction(w, g, orth)).sum((-2, -1))).all()
+    settings = StepSettings(dgram_solver="factorized")
+    new = GEOMETRIES["dgram"].step(w, norm_grad, 0.01, None, settings).weight
+    moved = torch.linalg.vector_norm(new, dim=-2) - torch.linalg.vector_norm(w, dim=-2)
+    assert torch.equal(torch.sign(moved), -torch.sign((q * norm_grad).sum(-2)))
+    off = new.mT @ new - torch.diag_embed(torch.diagonal(new.mT @ new, dim1=-2, dim2=-1))
+    assert off.abs().max() < 1e-5
 
 
 def test_dgram_metric_is_the_exact_projection_scaling():

@@ -121,9 +121,9 @@ class ManifoldMuonConfig:
 
     dgram_solver: str | None = None
     """stiefel_repair: the Stiefel closed form at `W D^-1`, exact DGram tangent projection, unit
-    spectral norm (2.5-8x Muon on CPU; 0.99 of the optimum at ~2% column-norm spread, 0.95 at
-    ~4%) | dual_ascent (paper; 11-31x Muon, 0.88-0.91 at K = 20). The exact tangent projection is
-    applied last either way. Default stiefel_repair (docs/benchmarks.md)."""
+    spectral norm; it never moves the column norms | factorized: that plus the steepest
+    (sign) step of the column norms | dual_ascent (paper; 11-31x Muon, 0.88-0.91 of the optimum at
+    K = 20). Exactly tangent in every case. Default stiefel_repair (docs/benchmarks.md)."""
 
     closed_form_steps: int = 6
     """Polar Express iterations on the skew matrix of the closed forms. At the default scale and
