@@ -49,6 +49,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(*args, **kwargs)
+        # A rank whose function made no collective could otherwise exit, closing its gloo pairs,
+        # while a slower rank is still connecting in init_process_group ("Connection closed by
+        # peer"), as seen on the 2-core CI box.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
