@@ -254,7 +254,11 @@ def test_warm_start_with_zero_correction_is_the_cold_start():
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("settings", [StepSettings(), DUAL], ids=["stiefel_repair", "dual_ascent"])
+@pytest.mark.parametrize(
+    "settings",
+    [StepSettings(), StepSettings(dgram_solver="stiefel_repair"), DUAL],
+    ids=["factorized", "stiefel_repair", "dual_ascent"],
+)
 def test_dgram_step_stays_on_manifold_and_descends(shape, settings):
     torch.manual_seed(0)
     w = project_dgram(torch.randn(shape) * torch.rand(shape[0], 1, 1))

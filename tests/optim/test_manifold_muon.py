@@ -137,7 +137,8 @@ def test_paper_preset_settings_and_training():
     assert (cfg.muon_scale, cfg.muon_weight_decay, cfg.weight_decay_1d) == ("one", 0.1, False)
     # An explicit key wins over the preset's value.
     assert config("paper", warm_start=True, dual_tol=1e-3).resolved().warm_start is True
-    assert config("hetero").resolved().stiefel_solver == "closed_form"
+    default = config("hetero").resolved()
+    assert (default.stiefel_solver, default.dgram_solver) == ("closed_form", "factorized")
 
     model = build_model()
     opt = ManifoldMuon(model.named_parameters(), config("paper", dual_steps=3), weight_decay=0.1)

@@ -163,7 +163,7 @@ class StepSettings:
     """Polar Express of the `msign` and `idempotent` retractions."""
     stiefel_solver: str = "closed_form"
     stiefel_retraction: str = "quintic"
-    dgram_solver: str = "stiefel_repair"
+    dgram_solver: str = "factorized"
     dgram_retraction: str = "column_quintic"
     dgram_init: str = "column_norms"
 
