@@ -379,33 +379,64 @@ def test_decay_index_block_shares_the_decay_of_both_sublayers():
         torch.testing.assert_close(block(x, fc, None), expected)
 
 
+@pytest.mark.parametrize("scalars", ["tensors", "floats", "no_bias"])
+@pytest.mark.parametrize("base_max", [0.9, math.inf])
 @pytest.mark.parametrize("bias", [0.0, 0.1])
 @pytest.mark.parametrize("update_map", UPDATE_MAPS)
 @pytest.mark.parametrize("radius", RADII)
-def test_fused_backward_matches_autograd(radius, update_map, bias):
-    """The eager `_FusedStep` against the autograd ops TP and torch.compile run, float64: outputs
-    and every gradient, with zero, clamped and near-radial updates and a learnable bias."""
+def test_fused_backward_matches_autograd(radius, update_map, bias, base_max, scalars):
+    """The eager `_FusedStep` (hand-derived backward) against the autograd ops TP and
+    torch.compile run, float64: outputs and every gradient, with zero, tiny, clamped (base and
+    final), large-angle and near-radial updates, learnable or fixed step and bias."""
     from titan_geonorm import geonorm
 
-    h = _sphere(6, dim=8, dtype=torch.float64)
+    h = _sphere(9, dim=8, dtype=torch.float64)
     gen = torch.Generator().manual_seed(6)
-    u = 0.5 * torch.randn(6, 8, dtype=torch.float64, generator=gen)
+    u = 0.5 * torch.randn(9, 8, dtype=torch.float64, generator=gen)
     u[1] = 0.0
     u[3] *= 50.0
     u[4] = 0.3 * h[4] + 1e-3 * u[4]
-    g = torch.randn(6, 8, dtype=torch.float64, generator=gen)
-    options = dict(theta_max=1.2, update_map=update_map, theta_base_max=0.9, radius=radius)
+    u[5] *= 1e-6  # theta below the series threshold of sinc'
+    u[6] = -0.9 * h[6] + 0.05 * u[6]  # retraction angle near pi
+    u[7] *= 3.0  # base angle clamped, final angle not
+    g = torch.randn(9, 8, dtype=torch.float64, generator=gen)
+    options = dict(theta_max=1.2, update_map=update_map, theta_base_max=base_max, radius=radius)
     results = []
     for step_fn in (geonorm._FusedStep.apply, geonorm._autograd_step):
-        leaves = [x.clone().requires_grad_() for x in (h, u, torch.tensor([0.8], dtype=torch.float64))]
-        b = torch.tensor([bias], dtype=torch.float64, requires_grad=True)
-        out = step_fn(*leaves, b, options)
-        grads = torch.autograd.grad((out * g).sum(), [*leaves, b], allow_unused=True)
+        leaves = [x.clone().requires_grad_() for x in (h, u)]
+        if scalars == "floats":
+            step, b = 0.8, bias
+        else:
+            step = torch.tensor([0.8], dtype=torch.float64, requires_grad=True)
+            b = torch.tensor([bias], dtype=torch.float64, requires_grad=True) if scalars == "tensors" else 0.0
+            leaves += [x for x in (step, b) if isinstance(x, torch.Tensor)]
+        out = step_fn(leaves[0], leaves[1], step, b, options)
+        grads = torch.autograd.grad((out * g).sum(), leaves, allow_unused=True)
         results.append((out, grads))
     (out_f, grads_f), (out_a, grads_a) = results
     torch.testing.assert_close(out_f, out_a, rtol=1e-12, atol=1e-12)
+    assert len(grads_f) == len(grads_a)
     for gf, ga in zip(grads_f, grads_a):
         torch.testing.assert_close(gf, ga, rtol=1e-9, atol=1e-10)
+
+
+def test_fused_step_backward_runs_no_autograd_and_keeps_the_scalars_dtype(monkeypatch):
+    """Backward differentiates by hand (no `torch.autograd.grad` on a rebuilt graph) and returns
+    the step scalars' gradients in their own dtype and shape (fp32 parameters, bf16 rows)."""
+    h, u = _sphere(4).bfloat16().requires_grad_(), _updates(4).bfloat16().requires_grad_()
+    step = torch.tensor([0.7], requires_grad=True)
+    bias = torch.tensor([0.05], requires_grad=True)
+    out = geodesic_step(h, u, step, math.pi / 4, bias=bias, radius="prenorm", theta_base_max=math.pi / 4)
+    assert out.dtype == torch.bfloat16
+    assert out.grad_fn.next_functions[0][0].name() == "_FusedStepBackward"
+
+    def no_grad(*args, **kwargs):
+        raise AssertionError("the fused backward called torch.autograd.grad")
+
+    monkeypatch.setattr(torch.autograd, "grad", no_grad)
+    out.float().sum().backward()
+    assert step.grad.shape == (1,) and step.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
+    assert torch.isfinite(h.grad).all() and torch.isfinite(u.grad).all()
 
 
 def test_eager_step_is_fused_and_compiled_step_is_not(monkeypatch):

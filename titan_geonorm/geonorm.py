@@ -107,7 +107,7 @@ def step_polar(
     options = dict(theta_max=theta_max, update_map=update_map, theta_base_max=theta_base_max, radius=radius)
     h32, u32 = _working(h, u, center)
     sq_norm, hu, v, v_norm = _row_stats(h32, u32)
-    _, _, theta, scale = _row_coefficients(sq_norm, hu, v_norm, step, bias, **options)
+    _, _, theta, scale, _ = _row_coefficients(sq_norm, hu, v_norm, step, bias, **options)
     return theta, scale
 
 
@@ -122,8 +122,9 @@ def _working(h, u, center):
 
 def _row_stats(h, u):
     """||h||^2 (floored), <h, u>, v = u - (<h,u>/||h||^2) h and ||v|| (accumulated in fp64, so that
-    ||v||^2 cannot overflow for huge updates)."""
-    sq_norm = _dot(h, h).clamp_min(_MIN_SQ_NORM)
+    ||v||^2 cannot overflow for huge updates). ||h|| by `vector_norm`: one read of h, against
+    three passes for a product and its sum (states are never large enough to overflow it)."""
+    sq_norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True).square().clamp_min(_MIN_SQ_NORM)
     hu = _dot(h, u)
     v = torch.addcmul(u, hu / sq_norm, h, value=-1)
     v_norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True, dtype=torch.float64).to(h.dtype)
@@ -132,89 +133,156 @@ def _row_stats(h, u):
 
 def _row_coefficients(sq_norm, hu, v_norm, step, bias, *, theta_max, update_map, theta_base_max, radius):
     """Per row: `h' = coef_h h + coef_v v`, the angle theta and R/||h||, from the row statistics
-    (`geodesic_step`'s formulas; coef_v in its sinc form). O(rows) work, not O(rows x d)."""
+    (`geodesic_step`'s formulas; coef_v in its sinc form), and the intermediates
+    `_row_coefficients_backward` reads. O(rows) work, not O(rows x d)."""
     dtype = sq_norm.dtype
     if isinstance(step, torch.Tensor):
         step = step.to(dtype)
     one_c = 1 + hu / sq_norm
     ratio = v_norm / sq_norm.sqrt()
+    inv_ratio = 1 / ratio.clamp_min(_MIN_SQ_NORM)
+    raw = None
     if update_map == "retraction":
-        theta = torch.atan2(ratio, one_c)
+        raw = theta = torch.atan2(ratio, one_c)
         series = (one_c > 0) & (ratio < _SERIES * one_c.abs())
-        base = torch.where(series, 1 / one_c.abs().clamp_min(_MIN_SQ_NORM), theta / ratio.clamp_min(_MIN_SQ_NORM))
+        base = torch.where(series, 1 / one_c.abs().clamp_min(_MIN_SQ_NORM), theta * inv_ratio)
         if not math.isinf(theta_base_max):
             clamped = theta > theta_base_max
             theta = torch.where(clamped, theta_base_max, theta)
-            base = torch.where(clamped, theta_base_max / ratio.clamp_min(_MIN_SQ_NORM), base)
+            base = torch.where(clamped, theta_base_max * inv_ratio, base)
     elif math.isinf(theta_base_max):
         theta, base = ratio, 1.0
     else:
         theta = ratio.clamp_max(theta_base_max)
         base = theta_base_max / ratio.clamp_min(theta_base_max)
     # theta_0 = base * ||v||/||h||; theta / (||v||/||h||) is `per_ratio`, before the final clamp.
-    theta, per_ratio = step * theta, step * base
+    theta0, theta1, per_ratio = theta, step * theta, step * base
     if isinstance(bias, torch.Tensor) or bias != 0.0:
-        theta = theta + bias
-        per_ratio = per_ratio + bias / ratio.clamp_min(_MIN_SQ_NORM)
-    shrink = theta_max / theta.abs().clamp_min(theta_max)
-    theta = theta * shrink
-    coef_h, coef_v = torch.cos(theta), torch.sinc(theta / math.pi) * per_ratio * shrink
+        theta1 = theta1 + bias
+        per_ratio = per_ratio + bias * inv_ratio
+    shrink = theta_max / theta1.abs().clamp_min(theta_max)
+    theta = theta1 * shrink
+    cos, sinc = torch.cos(theta), torch.sinc(theta / math.pi)
+    coef_h, coef_v = cos, sinc * per_ratio * shrink
     scale = _radius_ratio(one_c, ratio) if radius == "prenorm" else torch.ones_like(theta)
-    return coef_h * scale, coef_v * scale, theta, scale
+    saved = (one_c, ratio, inv_ratio, raw, theta0, base, theta1, per_ratio, shrink, theta, cos, sinc, scale)
+    return coef_h * scale, coef_v * scale, theta, scale, saved
+
+
+def _row_coefficients_backward(saved, g_h, g_v, step, bias, *, theta_max, update_map, theta_base_max, radius):
+    """Gradients of `g_h coef_h + g_v coef_v` (per row) w.r.t. ||h||^2, <h,u>, ||v||, step, bias.
+
+    The chain rule of `_row_coefficients`, by hand: with r = ||v||/||h||, K = per_ratio shrink,
+    coef_h = cos(theta) R, coef_v = sinc(theta) K R (sinc(x) = sin(x)/x here), theta = theta_1 shrink,
+    theta_1 = step theta_0 + bias, per_ratio = step base + bias/r, shrink = theta_max / max(|theta_1|,
+    theta_max):
+        d theta = R (-g_h sin(theta) + g_v K sinc'(theta)),   d K = R g_v sinc(theta),
+        d R     = g_h cos(theta) + g_v K sinc(theta)   (prenorm: R = sqrt((1 + c)^2 + r^2)),
+        d theta_1 = shrink d theta - [|theta_1| > theta_max] (shrink/theta_1)(theta_1 d theta + per_ratio d K),
+        d per_ratio = shrink d K,   d step = sum(theta_0 d theta_1 + base d per_ratio),
+        d bias = sum(d theta_1 + d per_ratio / r),
+    then theta_0 and base through the base map (exp: r and its clamp; retraction: atan2(r, 1 + c),
+    its series 1/(1 + c) and clamp), and r, 1 + c to ||h||^2, <h,u>, ||v||. Each clamp and
+    `torch.where` passes gradient where autograd's does, so `_FusedStep` equals `_autograd_step`
+    (tests/test_geonorm.py). sinc' uses its series below |theta| = 0.1, where the closed form cancels.
+    """
+    one_c, ratio, inv_ratio, raw, theta0, base, theta1, per_ratio, shrink, theta, cos, sinc, scale = saved
+    biased = isinstance(bias, torch.Tensor) or bias != 0.0
+    if isinstance(step, torch.Tensor):
+        step = step.to(theta.dtype)
+    k = per_ratio * shrink
+    t2 = theta.square()
+    dsinc = torch.where(
+        theta.abs() < 0.1, theta * (t2 * (1 / 30 - t2 / 840) - 1 / 3), (cos - sinc) / torch.where(theta == 0, 1, theta)
+    )
+    g_theta = scale * (g_v * k * dsinc - g_h * sinc * theta)
+    g_k = scale * g_v * sinc
+    g_theta1 = g_theta * shrink
+    clamped = theta1.abs() > theta_max
+    g_theta1 = g_theta1 - torch.where(clamped, shrink / theta1 * (theta1 * g_theta + per_ratio * g_k), 0.0)
+    g_per = g_k * shrink
+    g_step = g_theta1 * theta0 + g_per * base if isinstance(step, torch.Tensor) else None
+    g_bias = g_theta1 + g_per * inv_ratio if isinstance(bias, torch.Tensor) else None
+    g_theta0, g_base = g_theta1 * step, g_per * step
+    live = ratio >= _MIN_SQ_NORM  # clamp_min(ratio) passes gradient only there
+    g_ratio = -g_per * bias * inv_ratio.square() * live if biased else torch.zeros_like(ratio)
+    g_one = torch.zeros_like(ratio)
+    if radius == "prenorm":
+        g_scale = (g_h * cos + g_v * k * sinc) / scale
+        g_one = g_scale * one_c
+        g_ratio = g_ratio + g_scale * ratio
+    if update_map == "retraction":
+        if not math.isinf(theta_base_max):
+            held = raw > theta_base_max
+            g_ratio = g_ratio - torch.where(held & live, g_base * theta_base_max * inv_ratio.square(), 0.0)
+            g_theta0, g_base = torch.where(held, 0.0, g_theta0), torch.where(held, 0.0, g_base)
+        series = (one_c > 0) & (ratio < _SERIES * one_c.abs())
+        big = one_c.abs() >= _MIN_SQ_NORM
+        g_one = g_one - torch.where(series & big, g_base * torch.sign(one_c) / one_c.square(), 0.0)
+        g_theta0 = g_theta0 + torch.where(series, 0.0, g_base * inv_ratio)
+        g_ratio = g_ratio - torch.where(series | ~live, 0.0, g_base * raw * inv_ratio.square())
+        den = one_c.square() + ratio.square()
+        g_ratio = g_ratio + g_theta0 * one_c / den
+        g_one = g_one - g_theta0 * ratio / den
+    elif math.isinf(theta_base_max):
+        g_ratio = g_ratio + g_theta0
+    else:
+        g_ratio = g_ratio + torch.where(ratio <= theta_base_max, g_theta0, 0.0)
+        g_ratio = g_ratio - torch.where(ratio >= theta_base_max, g_base * base * inv_ratio, 0.0)
+    return g_ratio, g_one, g_step, g_bias
 
 
 def _autograd_step(h, u, step, bias, options):
     sq_norm, hu, v, v_norm = _row_stats(h, u)
-    coef_h, coef_v, _, _ = _row_coefficients(sq_norm, hu, v_norm, step, bias, **options)
+    coef_h, coef_v, _, _, _ = _row_coefficients(sq_norm, hu, v_norm, step, bias, **options)
     return torch.addcmul(coef_h * h, coef_v, v)
 
 
 class _FusedStep(torch.autograd.Function):
-    """`_autograd_step` with a hand-written backward over the (rows x d) tensors.
+    """`_autograd_step` with a hand-written backward: no autograd graph at all.
 
     Only the row statistics s = (||h||^2, <h,u>, ||v||) and the step scalars enter the per-row
-    coefficients, so autograd runs on (rows, 1) tensors only; with c = <h,u>/||h||^2,
-    gh = <g,h>, gv = <g,v> and d_s the gradients of (gh coef_h + gv coef_v) w.r.t. s:
+    coefficients; forward saves their intermediates (a few (rows, 1) tensors) and backward applies
+    `_row_coefficients_backward` to them. With c = <h,u>/||h||^2, gh = <g,h>, gv = <g,v> and d_s
+    the gradients of (gh coef_h + gv coef_v) w.r.t. s:
         dc     = -coef_v gh,   D = d_||h||^2 - dc c/||h||^2,   E = d_<h,u> + dc/||h||^2,
         e      = d_||v|| / ||v||   (0 where v = 0, torch's subgradient of the norm there)
         dL/dh  = (coef_h - c coef_v) g + (2 D + c^2 e) h + (E - c e) u
         dL/du  = coef_v g + (E - c e) h + e u
     using v orthogonal to h (d||v||/du = v/||v||, d||v||/dh = -c v/||v||). Six passes over the
-    rows forward and eight backward, against autograd's ~30 elementwise kernels. The per-row graph
-    is rebuilt in backward: one built in forward would be backwarded outside the region selective
-    activation checkpointing allows to backward once (tests/models/test_parallelize.py).
+    rows forward and eight backward, and ~40 ops on (rows, 1) tensors, against autograd's ~30
+    elementwise kernels over the rows plus ~100 small ones. No graph is built in forward: one
+    would be backwarded outside the region selective activation checkpointing allows to backward
+    once (tests/models/test_parallelize.py).
     """
 
     @staticmethod
     def forward(ctx, h, u, step, bias, options):
         sq_norm, hu, v, v_norm = _row_stats(h, u)
-        coef_h, coef_v, _, _ = _row_coefficients(sq_norm, hu, v_norm, step, bias, **options)
-        scalars = [x for x in (step, bias) if isinstance(x, torch.Tensor)]
-        ctx.save_for_backward(h, u, sq_norm, hu, v_norm, *scalars)
+        coef_h, coef_v, _, _, saved = _row_coefficients(sq_norm, hu, v_norm, step, bias, **options)
+        tensors = [h, u, sq_norm, hu, v_norm, coef_h, coef_v, *(x for x in saved if isinstance(x, torch.Tensor))]
+        ctx.layout = [isinstance(x, torch.Tensor) for x in saved]
+        ctx.constants = [None if isinstance(x, torch.Tensor) else x for x in saved]
+        ctx.scalars = [x.detach() if isinstance(x, torch.Tensor) else x for x in (step, bias)]
         ctx.options = options
-        ctx.scalars = [(x.shape, x.dtype) if isinstance(x, torch.Tensor) else x for x in (step, bias)]
+        ctx.save_for_backward(*tensors)
         return torch.addcmul(coef_h * h, coef_v, v)
 
     @staticmethod
     def backward(ctx, g):
-        h, u, sq_norm, hu, v_norm, *saved = ctx.saved_tensors
-        saved, scalars, wanted = iter(saved), [], []
-        for i, x in enumerate(ctx.scalars):
-            if isinstance(x, tuple):
-                x = next(saved).detach().requires_grad_(ctx.needs_input_grad[2 + i])
-                if x.requires_grad:
-                    wanted.append(i)
-            scalars.append(x)
-        stats = [x.detach().requires_grad_() for x in (sq_norm, hu, v_norm)]
-        with torch.enable_grad():
-            coef_h, coef_v, _, _ = _row_coefficients(*stats, *scalars, **ctx.options)
+        h, u, sq_norm, hu, v_norm, coef_h, coef_v, *tensors = ctx.saved_tensors
+        tensors = iter(tensors)
+        saved = [next(tensors) if is_tensor else x for is_tensor, x in zip(ctx.layout, ctx.constants)]
+        step, bias = ctx.scalars
         c = hu / sq_norm
         gh = _dot(g, h)
-        grads = torch.autograd.grad(
-            (coef_h, coef_v), stats + [scalars[i] for i in wanted], (gh, _dot(g, u) - c * gh), allow_unused=True
+        g_ratio, g_one, g_step, g_bias = _row_coefficients_backward(
+            saved, gh, _dot(g, u) - c * gh, step, bias, **ctx.options
         )
-        d_sq, d_hu, d_vn = (torch.zeros_like(sq_norm) if x is None else x for x in grads[:3])
-        coef_h, coef_v = coef_h.detach(), coef_v.detach()
+        # ratio = ||v|| / ||h||, 1 + c = 1 + <h,u>/||h||^2.
+        d_vn = g_ratio * sq_norm.rsqrt()
+        d_hu = g_one / sq_norm
+        d_sq = -(d_hu * c + 0.5 * d_vn * v_norm / sq_norm)
         dc = -coef_v * gh
         # The floor on ||h||^2 passes no gradient where it holds, as autograd's clamp does.
         d = torch.where(sq_norm > _MIN_SQ_NORM, d_sq - dc * c / sq_norm, 0.0)
@@ -222,10 +290,10 @@ class _FusedStep(torch.autograd.Function):
         k = d_hu + dc / sq_norm - c * e
         grad_h = torch.addcmul(torch.addcmul((coef_h - c * coef_v) * g, 2 * d + c * c * e, h), k, u)
         grad_u = torch.addcmul(torch.addcmul(coef_v * g, k, h), e, u)
-        scalar_grads = [None, None]
-        for i, grad in zip(wanted, grads[3:]):
-            shape, dtype = ctx.scalars[i]
-            scalar_grads[i] = None if grad is None else grad.sum_to_size(shape).to(dtype)
+        scalar_grads = [
+            None if grad is None or not needed else grad.sum_to_size(x.shape).to(x.dtype)
+            for grad, needed, x in zip((g_step, g_bias), ctx.needs_input_grad[2:4], ctx.scalars)
+        ]
         return grad_h, grad_u, *scalar_grads, None
 
 
