@@ -170,7 +170,8 @@ def _row_coefficients(sq_norm, hu, v_norm, step, bias, *, theta_max, update_map,
 
 
 def _row_coefficients_backward(saved, g_h, g_v, step, bias, *, theta_max, update_map, theta_base_max, radius):
-    """Gradients of `g_h coef_h + g_v coef_v` (per row) w.r.t. ||h||^2, <h,u>, ||v||, step, bias.
+    """Gradients of `g_h coef_h + g_v coef_v` w.r.t. r = ||v||/||h||, 1 + c, step and bias, per row
+    (`_FusedStep.backward` maps r and 1 + c to the row statistics and sums the scalars' rows).
 
     The chain rule of `_row_coefficients`, by hand: with r = ||v||/||h||, K = per_ratio shrink,
     coef_h = cos(theta) R, coef_v = sinc(theta) K R (sinc(x) = sin(x)/x here), theta = theta_1 shrink,
