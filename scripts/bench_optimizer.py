@@ -242,7 +242,7 @@ def optimum(w: torch.Tensor, g: torch.Tensor, geometry: str, iterations: int) ->
 SOLVERS = {
     "stiefel": [("closed_form", {}), ("dual K=20", {"stiefel_solver": "dual_ascent"})],
     "dgram": [
-        ("stiefel_repair", {}),
+        ("stiefel_repair", {"dgram_solver": "stiefel_repair"}),
         ("factorized", {"dgram_solver": "factorized"}),
         ("dual K=20", {"dgram_solver": "dual_ascent"}),
     ],
