@@ -141,15 +141,15 @@ def _row_coefficients(sq_norm, hu, v_norm, step, bias, *, theta_max, update_map,
     one_c = 1 + hu / sq_norm
     ratio = v_norm / sq_norm.sqrt()
     inv_ratio = 1 / ratio.clamp_min(_MIN_SQ_NORM)
-    raw = None
+    raw = series = held = None
     if update_map == "retraction":
         raw = theta = torch.atan2(ratio, one_c)
         series = (one_c > 0) & (ratio < _SERIES * one_c.abs())
         base = torch.where(series, 1 / one_c.abs().clamp_min(_MIN_SQ_NORM), theta * inv_ratio)
         if not math.isinf(theta_base_max):
-            clamped = theta > theta_base_max
-            theta = torch.where(clamped, theta_base_max, theta)
-            base = torch.where(clamped, theta_base_max * inv_ratio, base)
+            held = theta > theta_base_max
+            theta = torch.where(held, theta_base_max, theta)
+            base = torch.where(held, theta_base_max * inv_ratio, base)
     elif math.isinf(theta_base_max):
         theta, base = ratio, 1.0
     else:
@@ -165,7 +165,23 @@ def _row_coefficients(sq_norm, hu, v_norm, step, bias, *, theta_max, update_map,
     cos, sinc = torch.cos(theta), torch.sinc(theta / math.pi)
     coef_h, coef_v = cos, sinc * per_ratio * shrink
     scale = _radius_ratio(one_c, ratio) if radius == "prenorm" else torch.ones_like(theta)
-    saved = (one_c, ratio, inv_ratio, raw, theta0, base, theta1, per_ratio, shrink, theta, cos, sinc, scale)
+    saved = (
+        one_c,
+        ratio,
+        inv_ratio,
+        raw,
+        series,
+        held,
+        theta0,
+        base,
+        theta1,
+        per_ratio,
+        shrink,
+        theta,
+        cos,
+        sinc,
+        scale,
+    )
     return coef_h * scale, coef_v * scale, theta, scale, saved
 
 
@@ -187,7 +203,7 @@ def _row_coefficients_backward(saved, g_h, g_v, step, bias, *, theta_max, update
     `torch.where` passes gradient where autograd's does, so `_FusedStep` equals `_autograd_step`
     (tests/test_geonorm.py). sinc' uses its series below |theta| = 0.1, where the closed form cancels.
     """
-    one_c, ratio, inv_ratio, raw, theta0, base, theta1, per_ratio, shrink, theta, cos, sinc, scale = saved
+    one_c, ratio, inv_ratio, raw, series, held, theta0, base, theta1, per_ratio, shrink, theta, cos, sinc, scale = saved
     biased = isinstance(bias, torch.Tensor) or bias != 0.0
     if isinstance(step, torch.Tensor):
         step = step.to(theta.dtype)
@@ -213,11 +229,9 @@ def _row_coefficients_backward(saved, g_h, g_v, step, bias, *, theta_max, update
         g_one = g_scale * one_c
         g_ratio = g_ratio + g_scale * ratio
     if update_map == "retraction":
-        if not math.isinf(theta_base_max):
-            held = raw > theta_base_max
+        if held is not None:
             g_ratio = g_ratio - torch.where(held & live, g_base * theta_base_max * inv_ratio.square(), 0.0)
             g_theta0, g_base = torch.where(held, 0.0, g_theta0), torch.where(held, 0.0, g_base)
-        series = (one_c > 0) & (ratio < _SERIES * one_c.abs())
         big = one_c.abs() >= _MIN_SQ_NORM
         g_one = g_one - torch.where(series & big, g_base * torch.sign(one_c) / one_c.square(), 0.0)
         g_theta0 = g_theta0 + torch.where(series, 0.0, g_base * inv_ratio)
