@@ -21,6 +21,7 @@ activation, attention logit and gradient norm per arm), `overhead.md` and `img/*
 
 import argparse
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -420,6 +421,10 @@ def main() -> None:
     parser.add_argument("--plot-only", action="store_true", help="only rebuild tables and plots")
     parser.add_argument("extra", nargs="*", help="extra training overrides (after --)")
     args = parser.parse_args()
+    plots = importlib.util.find_spec("matplotlib") is not None
+    if not plots:
+        # Said before the grid runs, not as a traceback after it.
+        print("compare: matplotlib is not installed (pip install -e '.[dev]'): tables only, no plots", file=sys.stderr)
     args.out, args.config = args.out.resolve(), args.config.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     arms = [parse_arm(a) for a in args.arms.split(",")]
@@ -438,7 +443,8 @@ def main() -> None:
     print(write_tables(results, args.out))
     print(write_overhead(results, args.out))
     print(write_stability(results, args.out))
-    plot(results, args.out)
+    if plots:
+        plot(results, args.out)
 
 
 if __name__ == "__main__":
