@@ -139,6 +139,9 @@ def test_paper_preset_settings_and_training():
     assert config("paper", warm_start=True, dual_tol=1e-3).resolved().warm_start is True
     default = config("hetero").resolved()
     assert (default.stiefel_solver, default.dgram_solver) == ("closed_form", "factorized")
+    inverse = config("hetero_inv").resolved()
+    assert (inverse.dgram_solver, inverse.dgram_retraction) == ("stiefel_repair", "column_quintic")
+    assert config("hetero_inv", dgram_solver="factorized").resolved().dgram_solver == "factorized"
 
     model = build_model()
     opt = ManifoldMuon(model.named_parameters(), config("paper", dual_steps=3), weight_decay=0.1)

@@ -4,8 +4,9 @@ The AdamW group (embeddings, output head, gains, scalars, biases) takes `lr`, `b
 `eps` and `weight_decay` from `[optimizer]`; everything here is for the matrix geometries.
 
 Keys whose default is None take their value from the preset: `PRESET_SETTINGS["paper"]` for
-`preset = "paper"` (the module-wise paper's code, docs/optimizer.md), `PRESET_SETTINGS["default"]`
-for every other preset. A key set explicitly always wins.
+`preset = "paper"` (the module-wise paper's code, docs/optimizer.md), `PRESET_SETTINGS[preset]`
+where a preset has its own entry (`hetero_inv`), `PRESET_SETTINGS["default"]` for every other
+preset. A key set explicitly always wins.
 """
 
 from dataclasses import dataclass, field, replace
@@ -66,6 +67,10 @@ PRESET_SETTINGS: dict[str, dict[str, object]] = {
         weight_decay_1d=False,
     ),
 }
+# DGram on attention: the factorized step's column-norm step grows wq/wk without bound (max
+# attention logit 151, held-out 5.70 at 1,000 steps); the repair keeps them (4.94; 5.007 vs 5.019
+# at 300 steps, 3 seeds). docs/experiments.md.
+PRESET_SETTINGS["hetero_inv"] = PRESET_SETTINGS["default"] | dict(dgram_solver="stiefel_repair")
 
 
 @dataclass
@@ -124,7 +129,9 @@ class ManifoldMuonConfig:
     spectral norm; it never moves the column norms | factorized: that plus the steepest
     (sign) step of the column norms | dual_ascent (paper; 11-31x Muon, 0.88-0.91 of the optimum at
     K = 20). Exactly tangent in every case. Default factorized: it trains 0.35 nats better than
-    stiefel_repair at the same cost (docs/experiments.md)."""
+    stiefel_repair at the same cost with DGram on the MLP; hetero_inv (DGram on attention)
+    defaults to stiefel_repair, whose frozen column norms keep attention logits bounded
+    (docs/experiments.md)."""
 
     closed_form_steps: int = 6
     """Polar Express iterations on the skew matrix of the closed forms. At the default scale and
@@ -205,7 +212,7 @@ class ManifoldMuonConfig:
 
     def resolved(self) -> "ManifoldMuonConfig":
         """A copy with every unset (None) key filled in from the preset's settings."""
-        table = PRESET_SETTINGS["paper" if self.preset == "paper" else "default"]
+        table = PRESET_SETTINGS.get(self.preset, PRESET_SETTINGS["default"])
         return replace(self, **{k: v for k, v in table.items() if getattr(self, k) is None})
 
     def validate(self) -> None:
