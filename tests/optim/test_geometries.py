@@ -9,6 +9,7 @@ from titan_geonorm.optim.geometries import (
     DualSettings,
     MsignSettings,
     StepSettings,
+    column_quintic_retract,
     dgram_factorized_direction,
     dgram_metric,
     dgram_repair_direction,
@@ -308,6 +309,31 @@ def test_dgram_factorized_moves_the_column_norms_the_repair_leaves():
     assert torch.equal(torch.sign(moved), -torch.sign((q * norm_grad).sum(-2)))
     off = new.mT @ new - torch.diag_embed(torch.diagonal(new.mT @ new, dim1=-2, dim2=-1))
     assert off.abs().max() < 1e-5
+
+
+def test_column_quintic_retracts_exactly_where_the_quintic_diverges():
+    torch.manual_seed(0)
+    norms = torch.rand(1, 16) + 0.1
+    near = project_dgram(torch.randn(64, 16)) + 1e-3 * torch.randn(64, 16)
+    # What a step does to columns whose norm it takes near zero: six unit directions within a few
+    # degrees of +-one another (singular value ~2.4, outside the quintic's basin).
+    far = project_stiefel(torch.randn(64, 16))
+    far[:, 1:6] = far[:, :1] * torch.tensor([1.0, -1, 1, -1, 1]) + 0.05 * torch.randn(64, 5)
+    far = far * norms
+    y = torch.stack([near, far])
+    q = y / torch.linalg.vector_norm(y, dim=-2, keepdim=True)
+    plain = q
+    for _ in range(2):
+        gram = plain.mT @ plain
+        plain = 1.875 * plain + plain @ (-1.25 * gram + 0.375 * gram @ gram)
+    assert not torch.isfinite(plain[1]).all() or plain[1].abs().max() > 1e3
+    out, fallbacks = column_quintic_retract(y)
+    assert fallbacks == 1
+    assert torch.equal(out[0], dgram_retract(near, "column_quintic"))
+    assert dgram_error(out[1]) < 1e-6
+    assert torch.allclose(torch.linalg.vector_norm(out, dim=-2), torch.linalg.vector_norm(y, dim=-2), rtol=1e-5)
+    step = GEOMETRIES["dgram"].step(far[None], torch.zeros(1, 64, 16), 0.0, None, StepSettings())
+    assert step.fallbacks == 1 and dgram_error(step.weight) < 1e-6
 
 
 def test_dgram_metric_is_the_exact_projection_scaling():

@@ -15,6 +15,7 @@ from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 
 from tests.distributed import run_distributed_test
 from titan_geonorm.optim.config import ManifoldMuonConfig
+from titan_geonorm.optim.geometries import StepSettings
 from titan_geonorm.optim.manifold_muon import ManifoldMuon
 
 ARGS = TransformerModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128)
@@ -81,6 +82,14 @@ def reference(preset: str, **kw) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- single process
+
+
+def test_step_settings_defaults_are_the_config_defaults():
+    # scripts/bench_optimizer.py measures `StepSettings()`: it must be what a default config runs.
+    model = build_model()
+    assert ManifoldMuon(model.named_parameters(), config("hetero")).settings == StepSettings()
+    inv = ManifoldMuon(model.named_parameters(), config("hetero_inv")).settings
+    assert inv.dgram_solver == "stiefel_repair" != StepSettings().dgram_solver
 
 
 def test_every_param_in_one_group_and_manifolds_kept():
@@ -185,6 +194,7 @@ def test_loss_decreases_and_lr_scheduler_scales_groups():
         sched.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1
+    assert opt.stats["retraction_fallbacks"] == 0
 
 
 def test_fused_qkv_constrains_the_concatenation():

@@ -93,6 +93,7 @@ __all__ = [
     "stiefel_retract",
     "dgram_metric",
     "dgram_retract",
+    "column_quintic_retract",
     "project_stiefel",
     "project_dgram",
     "tangent_violation",
@@ -112,6 +113,9 @@ DUAL_ITERATES = ("best", "last")
 _EPS = 1e-12
 # The classical Newton-Schulz quintic, fixed point s = 1 reached at third order.
 _QUINTIC = (1.875, -1.25, 0.375)
+# ||Q^T Q - I||_2 <= 0.25 means |s - 1| <= 0.13, from where two quintics (error 2.5 e^3 each)
+# reach ~4e-7.
+_QUINTIC_BASIN = 0.25
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,8 @@ class StepResult:
     """Dual iterations run (max over the batch); 0 for the closed forms."""
     violation: torch.Tensor | None = None
     """Per-matrix tangent violation of the direction (see `tangent_violation`)."""
+    fallbacks: int = 0
+    """Matrices the retraction had to project exactly (`column_quintic_retract`)."""
 
 
 def off_diagonal(x: torch.Tensor) -> torch.Tensor:
@@ -354,10 +360,11 @@ def stiefel_retract(y: torch.Tensor, lr: float, settings: StepSettings) -> torch
     return _quintic(y / (1 + lr**2) ** 0.5)
 
 
-def _quintic(y: torch.Tensor) -> torch.Tensor:
-    """One classical Newton-Schulz quintic on tall `y`: singular values s -> p(s), p(1) = 1."""
+def _quintic(y: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
+    """One classical Newton-Schulz quintic on tall `y` (`gram = y^T y` if already at hand):
+    singular values s -> p(s), p(1) = 1."""
     a, b, c = _QUINTIC
-    gram = y.mT @ y
+    gram = y.mT @ y if gram is None else gram
     return a * y + y @ (b * gram + c * gram @ gram)
 
 
@@ -431,21 +438,53 @@ def dgram_retract(
     column_quintic: `Q = Y diag(1/||col_j(Y)||)`, two classical quintics on Q, times the norms
     again. From a tangent step, `Q^T Q - I` is `O(eta^2 / d^2)` off the diagonal (`d` the
     column norms), so two quintics (third order each) reach fp32 accuracy for `eta / d <= ~0.2`.
+    A step can take a column's norm to near zero (factorized DGram moves norms by `eta` in the
+    sign of their gradient), and its unit direction is then far from orthogonal to the others,
+    where the quintic diverges (singular values above ~1.6 grow as s^5: a 12-layer all_dgram run
+    went NaN at step 21). Matrices whose `||Q^T Q - I||_2` (power-iteration estimate) exceeds
+    0.25 are retracted by the exact polar factor instead (`column_quintic_retract`).
     idempotent: `msign(Y) diag(||col_j(Y)||)` by `retraction`. Both map a point of the manifold
     to itself. svd_rank (reference behaviour): `U V^T diag(S)` with the singular values in
     descending order, which hands the largest norm to column 0 and so permutes the column norms
     from step to step.
     """
-    norms = torch.linalg.vector_norm(y, dim=-2, keepdim=True)
     if method == "column_quintic":
-        q = y / norms.clamp_min(_EPS)
-        return _quintic(_quintic(q)) * norms
+        return column_quintic_retract(y)[0]
+    norms = torch.linalg.vector_norm(y, dim=-2, keepdim=True)
     if method == "idempotent":
         return retraction(y) * norms
     if method == "svd_rank":
         u, s, vh = torch.linalg.svd(y, full_matrices=False)
         return (u @ vh) * s.unsqueeze(-2)
     raise ValueError(f"dgram retraction must be one of {DGRAM_RETRACTIONS}, got {method!r}")
+
+
+def column_quintic_retract(y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`dgram_retract(y, "column_quintic")` and how many matrices of the batch needed the exact
+    polar factor (their `||Q^T Q - I||_2` above `_QUINTIC_BASIN`; one host sync to count them)."""
+    norms = torch.linalg.vector_norm(y, dim=-2, keepdim=True)
+    q = y / norms.clamp_min(_EPS)
+    gram = q.mT @ q
+    out = _quintic(_quintic(q, gram))
+    far = _deviation_from_identity(gram) > _QUINTIC_BASIN
+    fallbacks = int(far.sum())
+    if fallbacks:
+        out[far] = _polar_svd(q[far])
+    return out * norms, fallbacks
+
+
+def _deviation_from_identity(gram: torch.Tensor, iterations: int = 8) -> torch.Tensor:
+    """`||gram - I||_2` per matrix, `(B,)`, from below: power iteration, O(n^2) per iteration.
+    The start is pseudo-random: a collapse of two columns onto `+-` each other is orthogonal to
+    the all-ones vector."""
+    n = gram.shape[-1]
+    e = gram - torch.eye(n, dtype=gram.dtype, device=gram.device)
+    start = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=gram.dtype)
+    v = start.to(gram.device).expand(*gram.shape[:-1], 1)
+    for _ in range(iterations):
+        v = e @ v
+        v = v / (torch.linalg.vector_norm(v, dim=-2, keepdim=True) + _EPS)
+    return torch.linalg.vector_norm(e @ v, dim=(-2, -1))
 
 
 # ----------------------------------------------------------------------------------------- projections
@@ -535,7 +574,7 @@ def _manifold_step(direction: Callable, retract: Callable, w, g, lr, dual, setti
     wide = _is_wide(w)
     w_t = _tall(w)
     result = direction(w_t, _tall(g), dual, settings)
-    w_new = retract(w_t - lr * result.update, lr, settings)
+    w_new, result.fallbacks = retract(w_t - lr * result.update, lr, settings)
     result.weight, result.update = (w_new.mT if wide else w_new), None
     return result
 
@@ -544,11 +583,18 @@ def stiefel_step(
     w: torch.Tensor, g: torch.Tensor, lr: float, dual: torch.Tensor | None, settings: StepSettings
 ) -> StepResult:
     """Stiefel step: `A` by `stiefel_direction`, then `W <- stiefel_retract(W - lr A)`."""
-    return _manifold_step(stiefel_direction, stiefel_retract, w, g, lr, dual, settings)
+    return _manifold_step(stiefel_direction, _stiefel_retract, w, g, lr, dual, settings)
 
 
-def _dgram_retract(y: torch.Tensor, lr: float, settings: StepSettings) -> torch.Tensor:
-    return dgram_retract(y, settings.dgram_retraction, settings.retraction)
+def _stiefel_retract(y: torch.Tensor, lr: float, settings: StepSettings) -> tuple[torch.Tensor, int]:
+    # For a tangent step Y's singular values lie in [1/sqrt(1 + lr^2), 1]: never a fallback.
+    return stiefel_retract(y, lr, settings), 0
+
+
+def _dgram_retract(y: torch.Tensor, lr: float, settings: StepSettings) -> tuple[torch.Tensor, int]:
+    if settings.dgram_retraction == "column_quintic":
+        return column_quintic_retract(y)
+    return dgram_retract(y, settings.dgram_retraction, settings.retraction), 0
 
 
 def dgram_step(

@@ -202,8 +202,9 @@ class ManifoldMuon(torch.optim.Optimizer):
         self.stats: dict[str, float] = {}
         """Last step's owner-side numbers on this rank: `orth_time_s` (wall), `orth_cpu_s` (this
         thread's CPU time: the work itself when other processes share the cores),
-        `dual_iterations` (max; 0 for the closed forms) and `tangent_violation` (max over its
-        manifold matrices)."""
+        `dual_iterations` (max; 0 for the closed forms), `tangent_violation` (max over its
+        manifold matrices) and `retraction_fallbacks` (matrices that left the column quintic's
+        basin and were retracted exactly; see `geometries.column_quintic_retract`)."""
 
     # ----------------------------------------------------------------- planning
 
@@ -309,7 +310,7 @@ class ManifoldMuon(torch.optim.Optimizer):
         for j, unit in enumerate(owned):
             batches.setdefault((unit.group_index, unit.shape), []).append(j)
         results: list[dict] = [{} for _ in owned]
-        iterations, violation = 0, 0.0
+        iterations, violation, fallbacks = 0, 0.0, 0
         for indices in batches.values():
             units = [owned[j] for j in indices]
             first, geometry = units[0], units[0].geometry
@@ -322,6 +323,7 @@ class ManifoldMuon(torch.optim.Optimizer):
                 dual = torch.stack([fulls[j][_LAMBDA].view(n, n) for j in indices])
             res = geometry.step(w, u, self._group(first)["lr"], dual, self.settings)
             iterations = max(iterations, res.iterations)
+            fallbacks += res.fallbacks
             if res.violation is not None:
                 violation = max(violation, res.violation.max().item())
             for k, (unit, j) in enumerate(zip(units, indices)):
@@ -331,7 +333,7 @@ class ManifoldMuon(torch.optim.Optimizer):
                 results[j] = self._split(unit, res.weight[k], "w")
                 if self._warm(unit):
                     results[j][_LAMBDA] = res.dual[k]
-        self.stats.update(dual_iterations=iterations, tangent_violation=violation)
+        self.stats.update(dual_iterations=iterations, tangent_violation=violation, retraction_fallbacks=fallbacks)
         return results
 
     # ----------------------------------------------------------------- step
@@ -461,7 +463,13 @@ class ManifoldMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.stats = {"orth_time_s": 0.0, "orth_cpu_s": 0.0, "dual_iterations": 0, "tangent_violation": 0.0}
+        self.stats = {
+            "orth_time_s": 0.0,
+            "orth_cpu_s": 0.0,
+            "dual_iterations": 0,
+            "tangent_violation": 0.0,
+            "retraction_fallbacks": 0,
+        }
         for group in self.param_groups:
             if group["geometry"] == "adamw":
                 self._adamw(group)

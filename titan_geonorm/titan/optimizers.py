@@ -42,7 +42,8 @@ class ManifoldMuonContainer(OptimizersContainer):
 
     @property
     def stats(self) -> dict[str, float]:
-        """Last step's orthogonalization time (summed over parts) and dual-loop numbers (max)."""
+        """Last step's orthogonalization time and retraction fallbacks (summed over parts) and
+        dual-loop numbers (max)."""
         parts = [opt.stats for opt in self.optimizers if opt.stats]
         if not parts:
             return {}
@@ -51,6 +52,7 @@ class ManifoldMuonContainer(OptimizersContainer):
             "orth_cpu_s": sum(s["orth_cpu_s"] for s in parts),
             "dual_iterations": max(s["dual_iterations"] for s in parts),
             "tangent_violation": max(s["tangent_violation"] for s in parts),
+            "retraction_fallbacks": sum(s["retraction_fallbacks"] for s in parts),
         }
 
 
