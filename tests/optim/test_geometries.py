@@ -315,8 +315,8 @@ def test_column_quintic_retracts_exactly_where_the_quintic_diverges():
     torch.manual_seed(0)
     norms = torch.rand(1, 16) + 0.1
     near = project_dgram(torch.randn(64, 16)) + 1e-3 * torch.randn(64, 16)
-    # What a step does to columns whose norm it takes near zero: six unit directions within a few
-    # degrees of +-one another (singular value ~2.4, outside the quintic's basin).
+    # What a step does to columns whose norm it takes near zero: six unit directions within ~20
+    # degrees of +-one another (largest singular value 2.3, outside the quintic's basin).
     far = project_stiefel(torch.randn(64, 16))
     far[:, 1:6] = far[:, :1] * torch.tensor([1.0, -1, 1, -1, 1]) + 0.05 * torch.randn(64, 5)
     far = far * norms

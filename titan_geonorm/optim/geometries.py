@@ -477,7 +477,8 @@ def _outside_basin(gram: torch.Tensor) -> torch.Tensor:
     """Per matrix, whether `||gram - I||_2 > _QUINTIC_BASIN`. The Frobenius norm bounds it from
     above and clears nearly every matrix for one elementwise pass; the rest get 8 power
     iterations (from below; 10% of a Muon step at 256x256, where batched matrix-vector products
-    are slow on CPU). The start is pseudo-random: a collapse of two columns onto `+-` each other
+    are slow on CPU; `spectral_norm`'s squarings would cost O(n^3) per matrix). The start is
+    pseudo-random: a collapse of two columns onto `+-` each other
     is orthogonal to the all-ones vector. One or two host syncs."""
     n = gram.shape[-1]
     e = gram - torch.eye(n, dtype=gram.dtype, device=gram.device)
