@@ -2,6 +2,8 @@
 
 import copy
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,6 +92,42 @@ def test_step_settings_defaults_are_the_config_defaults():
     assert ManifoldMuon(model.named_parameters(), config("hetero")).settings == StepSettings()
     inv = ManifoldMuon(model.named_parameters(), config("hetero_inv")).settings
     assert inv.dgram_solver == "stiefel_repair" != StepSettings().dgram_solver
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_defaults(section: str) -> dict[str, str]:
+    """`key -> default` from the README's configuration table rows of `section` (a defaults cell
+    lists one value per key, any note in parentheses after it)."""
+    defaults = {}
+    for line in README.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or cells[0] != f"`{section}`":
+            continue
+        keys = [k.strip("` ") for k in cells[1].split(",")]
+        values = [re.sub(r"\s*\(.*\)$", "", v).strip("` ") for v in re.split(r",\s+(?![^(]*\))", cells[2])]
+        assert len(keys) == len(values), f"README row {cells[1]!r}: {len(keys)} keys, {len(values)} defaults"
+        defaults.update(zip(keys, values))
+    return defaults
+
+
+def _as_readme(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def test_readme_states_the_manifold_muon_defaults():
+    # The README's table is what users read; it once listed a DGram retraction that was no
+    # longer the default.
+    documented = _readme_defaults("[optimizer.manifold_muon]")
+    resolved = ManifoldMuonConfig().resolved()
+    assert len(documented) >= 20
+    for key, text in documented.items():
+        value = getattr(resolved, key)
+        if isinstance(value, float):
+            assert float(text) == value, key
+        else:
+            assert text == _as_readme(value), key
 
 
 def test_every_param_in_one_group_and_manifolds_kept():
