@@ -10,15 +10,18 @@ on a batch of random matrices (W on its manifold, G Gaussian), for each solver:
   bound); not computed for the 8B shapes;
 - `||A||_2` and the tangent violation `RMS(P(W^T A + A^T W) sqrt(M))`.
 Stiefel also gets a row per `--closed-form` variant (Newton-Schulz steps, input scaling and the
-schedule's lower bound). `--trained` reports the closed forms' objective on the momentum of a
-small llama3 trained briefly on `../shared` text, whose long-tailed spectra are harder than
-Gaussian ones.
+schedule's lower bound). `--parts` (instead of that table) splits the default closed-form Stiefel
+step into its stages (forming the skew input, thin QR, re-orthogonalization, the skew
+Newton-Schulz, assembling A, the tangent check, the retraction), each timed against Muon like the
+whole step. `--trained` reports the closed forms' objective on the momentum of a small llama3
+trained briefly on `../shared` text, whose long-tailed spectra are harder than Gaussian ones.
 
 Whole-model arms (`--model`), at world 1 (plain tensors) and world 2 (FSDP2 on gloo, or NCCL on
 GPUs): optimizer step time and its ratio to Muon, per-rank orthogonalization time (thread CPU time
 stays meaningful when other processes share the cores), dual iterations, tangent violation.
 
-    python scripts/bench_optimizer.py --shapes 256x256,1024x256 [--trained] [--llama8b] [--model] [--json out.json]
+    python scripts/bench_optimizer.py --shapes 256x256,1024x256 [--parts] [--trained] [--llama8b] [--model]
+        [--json out.json]
 """
 
 # isort: off
@@ -51,7 +54,10 @@ from titan_geonorm.optim.geometries import (
     off_diagonal,
     project_dgram,
     project_stiefel,
+    stiefel_closed_form,
     stiefel_direction,
+    stiefel_retract,
+    stiefel_step,
     tangent_violation,
 )
 from titan_geonorm.optim.manifold_muon import ManifoldMuon
@@ -307,6 +313,66 @@ def shape_rows(shape: tuple[int, int], batch: int, device: torch.device, exact: 
     return rows
 
 
+def stiefel_parts(shape: tuple[int, int], batch: int, device: torch.device, repeats: int) -> list[dict]:
+    """x Muon of each stage of the default closed-form Stiefel step (the stages of
+    `stiefel_closed_form`, fed the previous stage's outputs) and of the whole step."""
+    torch.manual_seed(0)
+    g = torch.randn(batch, max(shape), min(shape), device=device)
+    w = project_stiefel(torch.randn_like(g))
+    settings, lr = StepSettings(), 0.02
+    m, n = g.shape[-2:]
+    if m <= 2 * n:
+        k = m // 2
+        x = g @ w.mT
+        c = x - x.mT
+        u11, u21, u22 = settings.closed_form.skew(c[..., :k, :k], c[..., k:, :k], c[..., k:, k:])
+        top, bottom = w[..., :k, :], w[..., k:, :]
+        raw = torch.cat([u11 @ top - u21.mT @ bottom, u21 @ top + u22 @ bottom], -2)
+        a = raw - w @ ((w.mT @ raw + raw.mT @ w) / 2)
+        stages = {
+            "skew input C": lambda: g @ w.mT - w @ g.mT,
+            "msign_skew": lambda: settings.closed_form.skew(c[..., :k, :k], c[..., k:, :k], c[..., k:, k:]),
+            "A = msign(C) W": lambda: torch.cat([u11 @ top - u21.mT @ bottom, u21 @ top + u22 @ bottom], -2),
+            "tangent clean": lambda: raw - w @ ((w.mT @ raw + raw.mT @ w) / 2),
+        }
+    else:
+        y = w.mT @ g
+        perp = g - w @ y
+        q, r = torch.linalg.qr(perp)
+        q = q - w @ (w.mT @ q)
+        s, zero = y - y.mT, torch.zeros_like(r)
+        u11, u21, _ = settings.closed_form.skew(s, r, zero)
+        a = w @ u11 + q @ u21
+        stages = {
+            "G_perp, S": lambda: (g - w @ (w.mT @ g), y - y.mT),
+            "thin QR": lambda: torch.linalg.qr(perp),
+            "re-orthogonalize": lambda: q - w @ (w.mT @ q),
+            "msign_skew": lambda: settings.closed_form.skew(s, r, zero),
+            "A = W U11 + Q U21": lambda: w @ u11 + q @ u21,
+        }
+    # The stages re-run stiefel_closed_form's code one by one; refuse to time a copy that drifted.
+    torch.testing.assert_close(a, stiefel_closed_form(w, g, settings.closed_form), rtol=1e-4, atol=1e-5)
+    stages |= {
+        "tangent violation": lambda: tangent_violation(w, a, "stiefel"),
+        "quintic retraction": lambda: stiefel_retract(w - lr * a, lr, settings),
+        "whole step": lambda: stiefel_step(w, g, lr, None, settings),
+    }
+    rows = []
+    for stage, fn in stages.items():
+        seconds, muon, ratio = paired_time(fn, lambda: muon_update(g), device, repeats)
+        rows.append({"shape": [m, n], "stage": stage, "step_s": seconds, "muon_s": muon, "x_muon": ratio})
+    return rows
+
+
+def print_parts(rows: list[dict]) -> None:
+    print(f"{'shape':>12} {'Stiefel stage':20} {'x Muon':>7}")
+    for r in rows:
+        print(f"{'x'.join(map(str, r['shape'])):>12} {r['stage']:20} {r['x_muon']:7.2f}")
+    for shape in dict.fromkeys(tuple(r["shape"]) for r in rows):
+        parts = sum(r["x_muon"] for r in rows if tuple(r["shape"]) == shape and r["stage"] != "whole step")
+        print(f"{'x'.join(map(str, shape)):>12} {'sum of stages':20} {parts:7.2f}")
+
+
 def trained_gradients(args) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """(name, W, G) per layer matrix of a small llama3 trained `--trained-steps` AdamW steps on
     `--text`: G the momentum (beta 0.95) of its gradients over the second half, W the matrix
@@ -465,6 +531,11 @@ def main() -> None:
         help="extra Stiefel closed-form rows, comma-separated steps:scale:lower (lower 0: published schedule)",
     )
     parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="per --shapes, the closed-form Stiefel step's stages instead of the solver table",
+    )
+    parser.add_argument(
         "--trained", action="store_true", help="objective of the closed forms on trained momentum (needs --text)"
     )
     parser.add_argument("--trained-steps", type=int, default=80)
@@ -496,13 +567,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     environment = {"device": str(device), "torch": torch.__version__, "cpus": os.cpu_count()}
     results = {"config": vars(args) | environment}
-    if args.shapes:
+    if args.shapes and not args.parts:
         rows = []
         for spec in args.shapes.split(","):
             shape = tuple(int(x) for x in spec.split("x"))
             rows += shape_rows(shape, args.shape_batch, device, True, args)
         print_shape_rows(rows)
         results["shapes"] = rows
+    if args.parts:
+        results["parts"] = [
+            row
+            for spec in args.shapes.split(",")
+            for row in stiefel_parts(tuple(int(x) for x in spec.split("x")), args.shape_batch, device, args.repeats)
+        ]
+        print_parts(results["parts"])
     if args.trained:
         for path in (args.text, args.tokenizer):
             if not os.path.isfile(path):
