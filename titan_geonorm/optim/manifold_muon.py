@@ -310,7 +310,7 @@ class ManifoldMuon(torch.optim.Optimizer):
         for j, unit in enumerate(owned):
             batches.setdefault((unit.group_index, unit.shape), []).append(j)
         results: list[dict] = [{} for _ in owned]
-        iterations, violation, fallbacks = 0, 0.0, 0
+        iterations, violations, fallbacks = 0, [], 0
         for indices in batches.values():
             units = [owned[j] for j in indices]
             first, geometry = units[0], units[0].geometry
@@ -325,7 +325,7 @@ class ManifoldMuon(torch.optim.Optimizer):
             iterations = max(iterations, res.iterations)
             fallbacks += res.fallbacks
             if res.violation is not None:
-                violation = max(violation, res.violation.max().item())
+                violations.append(res.violation.max())
             for k, (unit, j) in enumerate(zip(units, indices)):
                 if res.update is not None:
                     results[j] = self._split(unit, res.update[k], "update")
@@ -333,6 +333,8 @@ class ManifoldMuon(torch.optim.Optimizer):
                 results[j] = self._split(unit, res.weight[k], "w")
                 if self._warm(unit):
                     results[j][_LAMBDA] = res.dual[k]
+        # One host sync for the whole solve, not one per batch, so a GPU queues every batch's work.
+        violation = torch.stack(violations).max().item() if violations else 0.0
         self.stats.update(dual_iterations=iterations, tangent_violation=violation, retraction_fallbacks=fallbacks)
         return results
 
