@@ -8,7 +8,9 @@ on a batch of random matrices (W on its manifold, G Gaussian), for each solver:
   exactly; DGram: the smallest value of the dual `||G + 2 W Off(Lambda)||_*`, an upper bound of
   the optimum, over float64 dual ascent with exact polar factors, so the fraction is a lower
   bound); not computed for the 8B shapes;
-- `||A||_2` and the tangent violation `RMS(P(W^T A + A^T W) sqrt(M))`.
+- `||A||_2` and the tangent violation `RMS(P(W^T A + A^T W) sqrt(M))`;
+- the relative spread (std / mean) of W's column norms, which DGram's repair is sensitive to
+  (`--dgram-spread` sets it: the issue's DGram target is stated for near-equal norms).
 Stiefel also gets a row per `--closed-form` variant (Newton-Schulz steps, input scaling and the
 schedule's lower bound). `--parts` (instead of that table) splits the default closed-form Stiefel
 step into its stages (forming the skew input, thin QR, re-orthogonalization, the skew
@@ -279,7 +281,11 @@ def shape_rows(shape: tuple[int, int], batch: int, device: torch.device, exact: 
         init = project_stiefel if geometry == "stiefel" else project_dgram
         w = init(torch.randn(batch, *shape, device=device))
         tall = shape[0] < shape[1]
+        if geometry == "dgram" and args.dgram_spread is not None:
+            w = dgram_with_spread(w, args.dgram_spread, tall)
         w_t, g_t = (w.mT, g.mT) if tall else (w, g)
+        norms = torch.linalg.vector_norm(w_t, dim=-2)
+        spread = (norms.std(-1) / norms.mean(-1)).max().item()
         best = optimum(w_t.cpu(), g_t.cpu(), geometry, args.dual_reference) if exact else None
         for label, overrides, closed_form in solvers(geometry, args):
             config = ManifoldMuonConfig(preset="hetero", **overrides).resolved()
@@ -304,6 +310,7 @@ def shape_rows(shape: tuple[int, int], batch: int, device: torch.device, exact: 
                 "step_s": seconds,
                 "x_muon": ratio,
                 "violation": tangent_violation(w_t, a, geometry).max().item(),
+                "column_norm_spread": spread,
             }
             if exact:
                 norm = torch.linalg.matrix_norm(a.double().cpu(), ord=2)
@@ -311,6 +318,16 @@ def shape_rows(shape: tuple[int, int], batch: int, device: torch.device, exact: 
                 row |= {"objective": (value / best).min().item(), "norm_a": norm.max().item()}
             rows.append(row)
     return rows
+
+
+def dgram_with_spread(w: torch.Tensor, spread: float, wide: bool) -> torch.Tensor:
+    """W's orthonormal factor with column norms `exp(spread z)`, z standard normal (tall columns;
+    rows of a wide W): 0 gives equal norms, where the Stiefel repair is exact up to G's
+    column-norm component."""
+    w_t = w.mT if wide else w
+    q = w_t / torch.linalg.vector_norm(w_t, dim=-2, keepdim=True)
+    out = q * torch.exp(spread * torch.randn(*q.shape[:-2], 1, q.shape[-1], device=q.device))
+    return out.mT if wide else out
 
 
 def stiefel_parts(shape: tuple[int, int], batch: int, device: torch.device, repeats: int) -> list[dict]:
@@ -340,14 +357,14 @@ def stiefel_parts(shape: tuple[int, int], batch: int, device: torch.device, repe
         perp = g - w @ y
         q, r = torch.linalg.qr(perp)
         q = q - w @ (w.mT @ q)
-        s, zero = y - y.mT, torch.zeros_like(r)
-        u11, u21, _ = settings.closed_form.skew(s, r, zero)
+        s = y - y.mT
+        u11, u21, _ = settings.closed_form.skew(s, r, None, first_column=True)
         a = w @ u11 + q @ u21
         stages = {
             "G_perp, S": lambda: (g - w @ (w.mT @ g), y - y.mT),
             "thin QR": lambda: torch.linalg.qr(perp),
             "re-orthogonalize": lambda: q - w @ (w.mT @ q),
-            "msign_skew": lambda: settings.closed_form.skew(s, r, zero),
+            "msign_skew": lambda: settings.closed_form.skew(s, r, None, first_column=True),
             "A = W U11 + Q U21": lambda: w @ u11 + q @ u21,
         }
     # The stages re-run stiefel_closed_form's code one by one; refuse to time a copy that drifted.
@@ -447,14 +464,17 @@ def print_trained_rows(rows: list[dict]) -> None:
 
 
 def print_shape_rows(rows: list[dict]) -> None:
-    print(f"{'shape':>12} {'geometry':8} {'solver':15} {'x Muon':>7} {'objective':>9} {'||A||':>7} {'violation':>9}")
+    print(
+        f"{'shape':>12} {'geometry':8} {'solver':15} {'x Muon':>7} {'objective':>9} {'||A||':>7} {'violation':>9} "
+        f"{'norm spread':>11}"
+    )
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
         objective = f"{r['objective']:9.4f}" if "objective" in r else f"{'-':>9}"
         norm = f"{r['norm_a']:7.4f}" if "norm_a" in r else f"{'-':>7}"
         print(
             f"{shape:>12} {r['geometry']:8} {r['solver']:15} {r['x_muon']:7.2f} {objective} {norm} "
-            f"{r['violation']:9.1e}"
+            f"{r['violation']:9.1e} {r['column_norm_spread']:11.4f}"
         )
 
 
@@ -529,6 +549,13 @@ def main() -> None:
         type=lambda v: [x for x in v.split(",") if x],
         default=["6:frobenius:0", "5:moment:3e-3", "7:moment:3e-4"],
         help="extra Stiefel closed-form rows, comma-separated steps:scale:lower (lower 0: published schedule)",
+    )
+    parser.add_argument(
+        "--dgram-spread",
+        type=float,
+        default=None,
+        help="DGram's W in the per-shape table: column norms exp(spread z), z ~ N(0, 1) (default: those of a "
+        "projected Gaussian, relative spread ~1/sqrt(2m))",
     )
     parser.add_argument(
         "--parts",

@@ -140,6 +140,31 @@ def test_skew_blocks_equal_the_full_iteration(k, rest, kw, by_blocks, monkeypatc
     assert blocks[1].abs().max() == 0
 
 
+@pytest.mark.parametrize("steps", [1, 6])
+@pytest.mark.parametrize("kw", [{}, MOMENT], ids=["published", "moment"])
+@pytest.mark.parametrize("by_blocks", [True, False])
+def test_skew_zero_block_and_first_column_equal_the_full_iteration(steps, kw, by_blocks, monkeypatch):
+    # The tall Stiefel closed form's call: T = 0 (None) and only [P; Q] of the result wanted.
+    if by_blocks:
+        monkeypatch.setattr(importlib.import_module("titan_geonorm.optim.msign"), "_MIN_SKEW_BLOCK", 0)
+    torch.manual_seed(0)
+    k = 24
+    p, q = torch.randn(3, k, k), torch.randn(3, k, k)
+    p = p - p.mT
+    q[1] = 0
+    p[1] = 0
+    x = torch.cat([torch.cat([p, -q.mT], -1), torch.cat([q, torch.zeros_like(q)], -1)], -2)
+    full = msign(x, steps, **kw)
+    u11, u21, u22 = msign_skew(p, q, None, steps, **kw)
+    blocks = torch.cat([torch.cat([u11, -u21.mT], -1), torch.cat([u21, u22], -1)], -2)
+    assert (blocks - full).abs().max() < 1e-5
+    v11, v21, none = msign_skew(p, q, None, steps, first_column=True, **kw)
+    assert none is None
+    assert (v11 - full[:, :k, :k]).abs().max() < 1e-5 and (v21 - full[:, k:, :k]).abs().max() < 1e-5
+    assert torch.equal(v11, -v11.mT)
+    assert v11[1].abs().max() == 0 and v21[1].abs().max() == 0
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="method"):
         msign(torch.randn(4, 4), method="newton")

@@ -27,3 +27,18 @@ def test_parts_refuse_stages_that_no_longer_match_the_step(monkeypatch):
     monkeypatch.setattr(bench, "stiefel_closed_form", lambda w, g, orth: torch.zeros_like(g))
     with pytest.raises(AssertionError):
         bench.stiefel_parts((128, 32), 1, _CPU, repeats=1)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_dgram_spread_sets_the_column_norms_and_keeps_the_manifold(wide):
+    torch.manual_seed(0)
+    w = bench.project_dgram(torch.randn(2, 16, 64) if wide else torch.randn(2, 64, 16))
+    for spread in (0.0, 0.3):
+        out = bench.dgram_with_spread(w, spread, wide)
+        tall = out.mT if wide else out
+        norms = torch.linalg.vector_norm(tall, dim=-2)
+        gram = tall.mT @ tall
+        off = gram - torch.diag_embed(gram.diagonal(dim1=-2, dim2=-1))
+        assert off.abs().max() < 1e-5
+        relative = (norms.std(-1) / norms.mean(-1)).min()
+        assert relative < 1e-6 if spread == 0 else relative > 0.15

@@ -30,8 +30,9 @@ Two ways to compute it:
 - `m <= 2n`: form the m x m matrix C and take `msign(C) W`, on C's blocks (`msign_skew`).
 - `m > 2n`: C lives in the 2n-dim span of W and `G_perp = G - W W^T G = Q R` (thin QR, fp32, Q
   re-orthogonalized against W). With `S = W^T G - G^T W`, `C = [W Q] [[S, -R^T], [R, 0]] [W Q]^T`,
-  so with U = msign of that 2n x 2n matrix (by blocks), `A = W U_11 + Q U_21`, tangent up to
-  W^T Q's rounding without the final projection.
+  so with U = msign of that 2n x 2n matrix (by blocks; only its first block column, from a zero
+  T block: `msign_skew(..., first_column=True)`), `A = W U_11 + Q U_21`, tangent up to W^T Q's
+  rounding without the final projection.
 
 **Dual ascent** (Stiefel for comparison, DGram). The Lagrangian with a symmetric multiplier
 `Lambda` (projected by `P`: identity for Stiefel, `Off` for DGram) is `<G + 2 W P(Lambda), A>`,
@@ -129,9 +130,11 @@ class MsignSettings:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return msign(x, self.steps, self.method, self.dtype, scale=self.scale, lower=self.lower)
 
-    def skew(self, p: torch.Tensor, q: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def skew(self, p: torch.Tensor, q: torch.Tensor, t: torch.Tensor | None, first_column: bool = False) -> tuple:
         """The same Newton-Schulz on the skew matrix `[[P, -Q^T], [Q, T]]`, by blocks (`msign_skew`)."""
-        return msign_skew(p, q, t, self.steps, self.method, self.dtype, scale=self.scale, lower=self.lower)
+        return msign_skew(
+            p, q, t, self.steps, self.method, self.dtype, scale=self.scale, lower=self.lower, first_column=first_column
+        )
 
 
 @dataclass(frozen=True)
@@ -347,7 +350,7 @@ def stiefel_closed_form(w: torch.Tensor, g: torch.Tensor, orth: MsignSettings) -
     # construction) with no final projection (the directions where Q loses its norm have tiny
     # U_21 rows).
     q = q - w @ (w.mT @ q)
-    u11, u21, _ = orth.skew(y - y.mT, r, torch.zeros_like(r))
+    u11, u21, _ = orth.skew(y - y.mT, r, None, first_column=True)
     return w @ u11 + q @ u21
 
 

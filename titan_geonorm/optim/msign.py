@@ -28,6 +28,10 @@ symmetric and the update `P X` is skew again. On the blocks `X = [[P, -Q^T], [Q,
 that needs 3 of the 4 blocks of each product, 18 block products per step instead of 24, and the
 iterate stays exactly skew by construction (P and T are re-skewed every step) instead of up to
 rounding. Below 256 per block it runs the full iteration instead (the blocks are too small).
+The tall Stiefel closed form needs less: its T block starts at zero (the first step skips the 3
+products with T: 15) and it reads only the first block column `[P; Q]` of the result, so the
+last step applies its polynomial to that column instead of forming the square of `X X^T`
+(`X' E = a X E + b G (X E) + c G (G (X E))` with `G = X X^T`, `E = [I; 0]`: 14 products).
 """
 
 import functools
@@ -186,20 +190,33 @@ def _sq(x: torch.Tensor) -> torch.Tensor:
     return x.square().sum((-2, -1), keepdim=True)
 
 
+def _first_column_step(p, q, gram_a, gram_b, gram_d, a: float, b: float, c: float):
+    """The `[P; Q]` blocks of one step `a X + (b G + c G^2) X` from the blocks of `G = X X^T`,
+    without `G^2`: `G [P; Q]`, then `G` applied to that (module doc)."""
+    top, bottom = torch.baddbmm(gram_a @ p, gram_b, q), torch.baddbmm(gram_b.mT @ p, gram_d, q)
+    top2, bottom2 = torch.baddbmm(gram_a @ top, gram_b, bottom), torch.baddbmm(gram_b.mT @ top, gram_d, bottom)
+    p = torch.add(torch.add(a * p, top, alpha=b), top2, alpha=c)
+    q = torch.add(torch.add(a * q, bottom, alpha=b), bottom2, alpha=c)
+    return _skew(p), q
+
+
 def msign_skew(
     p: torch.Tensor,
     q: torch.Tensor,
-    t: torch.Tensor,
+    t: torch.Tensor | None,
     steps: int = 8,
     method: str = "polar_express",
     dtype: torch.dtype | None = None,
     *,
     scale: str = "frobenius",
     lower: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    first_column: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`msign` of the skew matrix `X = [[P, -Q^T], [Q, T]]` given as its blocks `P (B, k, k)`,
-    `Q (B, l, k)`, `T (B, l, l)` (P, T skew); returns the blocks of the result in fp32 (or the
-    inputs' wider dtype), the iteration in `dtype`. Same iteration as `msign` (module doc).
+    `Q (B, l, k)`, `T (B, l, l)` (P, T skew; `T = None` for a zero block); returns the blocks of
+    the result in fp32 (or the inputs' wider dtype), the iteration in `dtype`. Same iteration as
+    `msign` (module doc). `first_column`: only the result's `P` and `Q` blocks are wanted (its `T`
+    is returned as None), which saves the last step's square (module doc).
 
     With `X X^T = [[A, B], [B^T, D]]`: `A = P P^T + Q^T Q`, `B = P Q^T + Q^T T`, `D = Q Q^T + T T^T`;
     its square `[[A^2 + B B^T, A B + B D], [., B^T B + D^2]]`; and for the symmetric polynomial
@@ -207,42 +224,54 @@ def msign_skew(
     `a Q + B'^T P + D' Q` and `a T + D' T - B'^T Q^T`.
     """
     _check(steps, scale)
-    if min(p.size(-1), t.size(-1)) < _MIN_SKEW_BLOCK:
+    k, rest = p.size(-1), q.size(-2)
+    if min(k, rest) < _MIN_SKEW_BLOCK:
+        if t is None:
+            t = q.new_zeros(*q.shape[:-1], rest)
         x = torch.cat([torch.cat([p, -q.mT], -1), torch.cat([q, t], -1)], -2)
         u = msign(x.to(torch.promote_types(x.dtype, torch.float32)), steps, method, dtype, scale=scale, lower=lower)
-        k = p.size(-1)
-        return _skew(u[..., :k, :k]), u[..., k:, :k], _skew(u[..., k:, k:])
+        return _skew(u[..., :k, :k]), u[..., k:, :k], None if first_column else _skew(u[..., k:, k:])
     coeffs = _coefficients(method, steps, lower)
     work = torch.promote_types(p.dtype, torch.float32)
     if dtype is None:
         dtype = torch.bfloat16 if p.is_cuda else torch.float32
-    shapes = [x.shape for x in (p, q, t)]
-    p, q, t = (x.to(work).reshape(-1, *x.shape[-2:]) for x in (p, q, t))
-    norm = (_sq(p) + 2 * _sq(q) + _sq(t)).sqrt()
+    shapes = [p.shape, q.shape, (*q.shape[:-1], rest)]
+    p, q = (x.to(work).reshape(-1, *x.shape[-2:]) for x in (p, q))
+    t = None if t is None else t.to(work).reshape(-1, rest, rest)
+    norm = _sq(p) + 2 * _sq(q)
+    norm = (norm if t is None else norm + _sq(t)).sqrt()
     if method == "polar_express":
         norm = norm * _SAFETY
-    p, q, t = ((x / (norm + _EPS)).to(dtype) for x in (p, q, t))
+    p, q = ((x / (norm + _EPS)).to(dtype) for x in (p, q))
+    t = None if t is None else (t / (norm + _EPS)).to(dtype)
     for i, (a, b, c) in enumerate(coeffs):
+        moment = i == 0 and scale == "moment"
         gram_a = torch.baddbmm(q.mT @ q, p, p.mT)
-        gram_b = torch.baddbmm(q.mT @ t, p, q.mT)
-        gram_d = torch.baddbmm(q @ q.mT, t, t.mT)
+        gram_b = p @ q.mT if t is None else torch.baddbmm(q.mT @ t, p, q.mT)
+        gram_d = q @ q.mT if t is None else torch.baddbmm(q @ q.mT, t, t.mT)
+        if first_column and i == len(coeffs) - 1 and not moment:
+            p, q = _first_column_step(p, q, gram_a, gram_b, gram_d, a, b, c)
+            break
         square_a = torch.baddbmm(gram_a @ gram_a, gram_b, gram_b.mT)
         square_b = torch.baddbmm(gram_a @ gram_b, gram_b, gram_d)
         square_d = torch.baddbmm(gram_b.mT @ gram_b, gram_d, gram_d)
-        if i == 0 and scale == "moment":
+        if moment:
             bound = (_sq(square_a.float()) + 2 * _sq(square_b.float()) + _sq(square_d.float())).pow(0.125)
             if method == "polar_express":
                 bound = bound * _SAFETY
             bound = (bound + _EPS).to(dtype)
-            p, q, t = p / bound, q / bound, t / bound
+            p, q, t = p / bound, q / bound, None if t is None else t / bound
             gram_a, gram_b, gram_d = (x / bound.square() for x in (gram_a, gram_b, gram_d))
             square_a, square_b, square_d = (x / bound.pow(4) for x in (square_a, square_b, square_d))
         poly_a = torch.add(b * gram_a, square_a, alpha=c)
         poly_b = torch.add(b * gram_b, square_b, alpha=c)
         poly_d = torch.add(b * gram_d, square_d, alpha=c)
+        q_t = poly_b.mT @ q.mT
         p, q, t = (
             _skew(torch.baddbmm(torch.baddbmm(p, poly_a, p, beta=a), poly_b, q)),
             torch.baddbmm(torch.baddbmm(q, poly_b.mT, p, beta=a), poly_d, q),
-            _skew(torch.baddbmm(torch.baddbmm(t, poly_d, t, beta=a), poly_b.mT, q.mT, alpha=-1)),
+            _skew(-q_t if t is None else torch.baddbmm(t, poly_d, t, beta=a) - q_t),
         )
-    return tuple(x.to(work).reshape(shape) for x, shape in zip((p, q, t), shapes))
+    if first_column:
+        t = None
+    return tuple(None if x is None else x.to(work).reshape(shape) for x, shape in zip((p, q, t), shapes))
