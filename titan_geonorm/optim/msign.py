@@ -266,11 +266,14 @@ def msign_skew(
         poly_a = torch.add(b * gram_a, square_a, alpha=c)
         poly_b = torch.add(b * gram_b, square_b, alpha=c)
         poly_d = torch.add(b * gram_d, square_d, alpha=c)
-        q_t = poly_b.mT @ q.mT
+        if t is None:
+            t_next = -(poly_b.mT @ q.mT)
+        else:
+            t_next = torch.baddbmm(torch.baddbmm(t, poly_d, t, beta=a), poly_b.mT, q.mT, alpha=-1)
         p, q, t = (
             _skew(torch.baddbmm(torch.baddbmm(p, poly_a, p, beta=a), poly_b, q)),
             torch.baddbmm(torch.baddbmm(q, poly_b.mT, p, beta=a), poly_d, q),
-            _skew(-q_t if t is None else torch.baddbmm(t, poly_d, t, beta=a) - q_t),
+            _skew(t_next),
         )
     if first_column:
         t = None
