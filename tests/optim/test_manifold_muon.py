@@ -150,6 +150,22 @@ def test_every_param_in_one_group_and_manifolds_kept():
     assert opt.stats["tangent_violation"] < 1e-6
 
 
+def test_tangent_violation_stat_is_skipped_when_not_measured():
+    measured, skipped = build_model(), build_model()
+    opts = [ManifoldMuon(m.named_parameters(), config("hetero")) for m in (measured, skipped)]
+    opts[1].measure_violation(False)
+    for model, opt in zip((measured, skipped), opts):
+        opt.project_()
+        train(model, opt, 2)
+    assert "tangent_violation" in opts[0].stats and "tangent_violation" not in opts[1].stats
+    # The stat only reads the direction: the weights come out bitwise the same.
+    for p, q in zip(measured.parameters(), skipped.parameters()):
+        assert torch.equal(p, q)
+    opts[1].measure_violation(True)
+    train(skipped, opts[1], 1, start=2)
+    assert opts[1].stats["tangent_violation"] < 1e-6
+
+
 def test_dual_ascent_keeps_its_warm_start():
     model = build_model()
     opt = ManifoldMuon(model.named_parameters(), config("hetero", dual_steps=3, **DUAL))

@@ -22,7 +22,7 @@ torch.optim.AdamW's names.
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 import torch
@@ -203,8 +203,15 @@ class ManifoldMuon(torch.optim.Optimizer):
         """Last step's owner-side numbers on this rank: `orth_time_s` (wall), `orth_cpu_s` (this
         thread's CPU time: the work itself when other processes share the cores),
         `dual_iterations` (max; 0 for the closed forms), `tangent_violation` (max over its
-        manifold matrices) and `retraction_fallbacks` (matrices that left the column quintic's
-        basin and were retracted exactly; see `geometries.column_quintic_retract`)."""
+        manifold matrices; absent when `measure_violation(False)` skipped it) and
+        `retraction_fallbacks` (matrices that left the column quintic's basin and were retracted
+        exactly; see `geometries.column_quintic_retract`)."""
+
+    def measure_violation(self, on: bool) -> None:
+        """Whether the following steps compute the closed forms' `tangent_violation` stat
+        (`StepSettings.measure_violation`; on by default). The trainer turns it on only for
+        steps whose diagnostics are logged."""
+        self.settings = replace(self.settings, measure_violation=on)
 
     # ----------------------------------------------------------------- planning
 
@@ -333,9 +340,12 @@ class ManifoldMuon(torch.optim.Optimizer):
                 results[j] = self._split(unit, res.weight[k], "w")
                 if self._warm(unit):
                     results[j][_LAMBDA] = res.dual[k]
-        # One host sync for the whole solve, not one per batch, so a GPU queues every batch's work.
-        violation = torch.stack(violations).max().item() if violations else 0.0
-        self.stats.update(dual_iterations=iterations, tangent_violation=violation, retraction_fallbacks=fallbacks)
+        self.stats["dual_iterations"] = max(self.stats["dual_iterations"], iterations)
+        self.stats["retraction_fallbacks"] += fallbacks
+        if violations:
+            # One host sync for the whole solve, not one per batch, so a GPU queues every batch's work.
+            violation = torch.stack(violations).max().item()
+            self.stats["tangent_violation"] = max(self.stats.get("tangent_violation", 0.0), violation)
         return results
 
     # ----------------------------------------------------------------- step
@@ -465,13 +475,7 @@ class ManifoldMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.stats = {
-            "orth_time_s": 0.0,
-            "orth_cpu_s": 0.0,
-            "dual_iterations": 0,
-            "tangent_violation": 0.0,
-            "retraction_fallbacks": 0,
-        }
+        self.stats = {"orth_time_s": 0.0, "orth_cpu_s": 0.0, "dual_iterations": 0, "retraction_fallbacks": 0}
         for group in self.param_groups:
             if group["geometry"] == "adamw":
                 self._adamw(group)

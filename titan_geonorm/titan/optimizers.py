@@ -42,18 +42,23 @@ class ManifoldMuonContainer(OptimizersContainer):
 
     @property
     def stats(self) -> dict[str, float]:
-        """Last step's orthogonalization time and retraction fallbacks (summed over parts) and
-        dual-loop numbers (max)."""
+        """Last step's orthogonalization time and retraction fallbacks (summed over parts), dual
+        iterations and tangent violation (max; the latter only when measured)."""
         parts = [opt.stats for opt in self.optimizers if opt.stats]
         if not parts:
             return {}
+        violations = [s["tangent_violation"] for s in parts if "tangent_violation" in s]
         return {
             "orth_time_s": sum(s["orth_time_s"] for s in parts),
             "orth_cpu_s": sum(s["orth_cpu_s"] for s in parts),
             "dual_iterations": max(s["dual_iterations"] for s in parts),
-            "tangent_violation": max(s["tangent_violation"] for s in parts),
             "retraction_fallbacks": sum(s["retraction_fallbacks"] for s in parts),
-        }
+        } | ({"tangent_violation": max(violations)} if violations else {})
+
+    def measure_violation(self, on: bool) -> None:
+        """`ManifoldMuon.measure_violation` on every part."""
+        for optimizer in self.optimizers:
+            optimizer.measure_violation(on)
 
 
 def build_optimizers(

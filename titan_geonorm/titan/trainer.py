@@ -176,6 +176,10 @@ class GeoNormTrainer(Trainer):
         self._step_losses = []
         if self.diagnostics is not None:
             self.diagnostics.begin(self.step)
+        if hasattr(self.optimizers, "measure_violation"):
+            # The stat costs an m x n product per manifold matrix and a host sync; only the
+            # diagnostics read it.
+            self.optimizers.measure_violation(self.diagnostics is not None and self.diagnostics.due(self.step))
         try:
             super().train_step(data_iterator)
         except _SkippedStep as skip:
