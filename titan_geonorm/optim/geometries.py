@@ -161,7 +161,7 @@ class StepSettings:
     muon_scale: str = "original"
     muon: MsignSettings = MsignSettings(steps=5)
     """Newton-Schulz of the muon update."""
-    closed_form: MsignSettings = MsignSettings(steps=6, scale="moment", lower=1e-3)
+    closed_form: MsignSettings = MsignSettings(steps=5, scale="moment", lower=5e-3)
     """Newton-Schulz of the skew matrix in the Stiefel closed form (also DGram's repair)."""
     dual: DualSettings = DualSettings()
     dual_orth: MsignSettings = MsignSettings(steps=5)
