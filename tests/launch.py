@@ -12,6 +12,7 @@ torchrun (`torchrun_cmd`).
 import multiprocessing.connection
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,6 +63,20 @@ def train(
 def trainer_args(dump: Path, *overrides: str, config: Path = TINY_CONFIG) -> list[str]:
     """`titan_geonorm.train`'s arguments for `config` with its dump folder at `dump`."""
     return ["--job.config_file", str(config), "--job.dump_folder", str(dump), *overrides]
+
+
+def seeded_args(seed: Path, dump: Path, interval: int = 1000) -> list[str]:
+    """Copy `seed`'s step-0 checkpoint into `dump`; the args that train from it (with its
+    tokenizer) and checkpoint every `interval` steps."""
+    (dump / "checkpoint").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(seed / "checkpoint" / "step-0", dump / "checkpoint" / "step-0")
+    return [
+        "--model.hf_assets_path",
+        str(seed / "tokenizer"),
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        str(interval),
+    ]
 
 
 def run_module(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import free_port
-from tests.launch import REPO, TINY_CONFIG, env, grad_norms, losses, steps, torchrun_cmd, train
+from tests.launch import REPO, TINY_CONFIG, env, grad_norms, losses, seeded_args, steps, torchrun_cmd, train
 
 pytestmark = pytest.mark.distributed
 
@@ -30,18 +30,7 @@ def seed(tmp_path_factory) -> Path:
 
 
 def from_seed(seed: Path, dump: Path, *overrides: str, nproc: int = 1) -> list[float]:
-    (dump / "checkpoint").mkdir(parents=True)
-    shutil.copytree(seed / "checkpoint" / "step-0", dump / "checkpoint" / "step-0")
-    train(
-        dump,
-        "--model.hf_assets_path",
-        str(seed / "tokenizer"),
-        "--checkpoint.enable",
-        "--checkpoint.interval",
-        "1000",
-        *overrides,
-        nproc=nproc,
-    )
+    train(dump, *seeded_args(seed, dump), *overrides, nproc=nproc)
     return losses(dump)
 
 

@@ -4,13 +4,12 @@
 at steps 5 and 10; failure tests restart from its step-5 state and must reproduce its steps 6-10.
 """
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.launch import REPO, env, run_module, torchrun_cmd, train, trainer_args
+from tests.launch import REPO, env, run_module, seeded_args, torchrun_cmd, train, trainer_args
 
 FSDP2 = ("--parallelism.data_parallel_shard_degree", "2")
 
@@ -20,13 +19,6 @@ def seed(tmp_path_factory) -> Path:
     dump = tmp_path_factory.mktemp("seed")
     train(dump, "--checkpoint.enable", "--checkpoint.create_seed_checkpoint")
     return dump
-
-
-def seeded_args(seed: Path, dump: Path) -> list[str]:
-    """Copy the seed checkpoint into `dump`; the args that train from it with 5-step checkpoints."""
-    (dump / "checkpoint").mkdir(parents=True, exist_ok=True)
-    shutil.copytree(seed / "checkpoint" / "step-0", dump / "checkpoint" / "step-0")
-    return ["--model.hf_assets_path", str(seed / "tokenizer"), "--checkpoint.enable", "--checkpoint.interval", "5"]
 
 
 def launch(
@@ -44,5 +36,5 @@ def launch(
 @pytest.fixture(scope="package")
 def reference(seed, tmp_path_factory) -> Path:
     dump = tmp_path_factory.mktemp("reference")
-    train(dump, *seeded_args(seed, dump), *FSDP2, nproc=2)
+    train(dump, *seeded_args(seed, dump, interval=5), *FSDP2, nproc=2)
     return dump

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from tests.hardening.conftest import FSDP2, launch, seeded_args
-from tests.launch import losses, steps
+from tests.hardening.conftest import FSDP2, launch
+from tests.launch import losses, seeded_args, steps
 from titan_geonorm.titan.metrics import read_metrics
 
 pytestmark = pytest.mark.distributed
@@ -19,7 +19,7 @@ PARAM = "layers.1.attention.wk.weight"
 def test_nan_gradient_stops_without_checkpoint_and_resumes(seed, reference, tmp_path):
     proc = launch(
         tmp_path,
-        *seeded_args(seed, tmp_path),
+        *seeded_args(seed, tmp_path, interval=5),
         *FSDP2,
         "--divergence.inject_nan_at_step",
         "7",
@@ -49,7 +49,7 @@ def test_nan_gradient_stops_without_checkpoint_and_resumes(seed, reference, tmp_
 def test_nan_loss_is_skipped(seed, reference, tmp_path):
     proc = launch(
         tmp_path,
-        *seeded_args(seed, tmp_path),
+        *seeded_args(seed, tmp_path, interval=5),
         *FSDP2,
         "--divergence.action",
         "skip",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import losses, steps, train
+from tests.launch import losses, seeded_args, steps, train
 
 pytestmark = pytest.mark.distributed
 
@@ -45,21 +45,7 @@ def repeated_text(tmp_path_factory) -> Path:
 
 def checkpoint_at(seed: Path, dump: Path, optimizer, mesh, nproc: int) -> Path:
     """Train 5 steps from the seed on `mesh`; return the step-5 checkpoint."""
-    (dump / "checkpoint").mkdir(parents=True)
-    shutil.copytree(seed / "checkpoint" / "step-0", dump / "checkpoint" / "step-0")
-    train(
-        dump,
-        "--model.hf_assets_path",
-        str(seed / "tokenizer"),
-        "--checkpoint.enable",
-        "--checkpoint.interval",
-        "5",
-        "--training.steps",
-        "5",
-        *optimizer,
-        *mesh,
-        nproc=nproc,
-    )
+    train(dump, *seeded_args(seed, dump, interval=5), "--training.steps", "5", *optimizer, *mesh, nproc=nproc)
     return dump / "checkpoint" / "step-5"
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.hardening.conftest import FSDP2, launch, seeded_args
-from tests.launch import REPO, TINY_CONFIG, env, losses, steps, torchrun_cmd
+from tests.hardening.conftest import FSDP2, launch
+from tests.launch import REPO, TINY_CONFIG, env, losses, seeded_args, steps, torchrun_cmd
 from titan_geonorm.titan.patches import checkpoint_folders
 
 pytestmark = pytest.mark.distributed
@@ -27,7 +27,7 @@ def _output(proc) -> str:
 def test_killed_rank_restarts_from_last_checkpoint(seed, reference, tmp_path):
     proc = launch(
         tmp_path,
-        *seeded_args(seed, tmp_path),
+        *seeded_args(seed, tmp_path, interval=5),
         *FSDP2,
         max_restarts=1,
         faults={"TG_KILL_RANK": "1", "TG_KILL_AT_STEP": "8", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
@@ -42,7 +42,7 @@ def test_killed_rank_restarts_from_last_checkpoint(seed, reference, tmp_path):
 
 
 def test_interrupted_save_leaves_last_complete_checkpoint(seed, reference, tmp_path):
-    proc = launch(tmp_path, *seeded_args(seed, tmp_path), *FSDP2, faults={"TG_KILL_IN_SAVE_STEP": "10"})
+    proc = launch(tmp_path, *seeded_args(seed, tmp_path, interval=5), *FSDP2, faults={"TG_KILL_IN_SAVE_STEP": "10"})
     assert proc.returncode != 0
     partial = tmp_path / "checkpoint" / "step-10"
     assert list(partial.glob("*.distcp")), "the kill should come after the data files are written"

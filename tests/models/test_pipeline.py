@@ -10,13 +10,12 @@ Peri-LN's embedding norm is a top-level module torchtitan's default stage split 
 seed checkpoint.
 """
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.hardening.test_bad_configs import config_file
-from tests.launch import grad_norms, losses, steps, train
+from tests.launch import grad_norms, losses, seeded_args, steps, train
 
 pytestmark = pytest.mark.distributed
 
@@ -34,19 +33,7 @@ CASES = [
 
 
 def _run(dump: Path, seed: Path, config: Path, *overrides: str, nproc: int):
-    (dump / "checkpoint").mkdir(parents=True)
-    shutil.copytree(seed / "checkpoint" / "step-0", dump / "checkpoint" / "step-0")
-    proc = train(
-        dump,
-        "--model.hf_assets_path",
-        str(seed / "tokenizer"),
-        "--checkpoint.enable",
-        "--checkpoint.interval",
-        "1000",
-        *overrides,
-        nproc=nproc,
-        config=config,
-    )
+    proc = train(dump, *seeded_args(seed, dump), *overrides, nproc=nproc, config=config)
     assert steps(dump) == [1, 2, 3, 4]
     return (losses(dump), grad_norms(dump)), proc.stdout + proc.stderr
 
