@@ -5,11 +5,13 @@ torchtitan's own `Transformer` (`titan`, the `llama3_titan` spec) and every plug
 timed in rotating order, round after round, so drift in machine load hits them alike; the
 reported ratios are medians over rounds of (arm time / titan time in the same round), and
 tokens/s relative to titan is their inverse. "Compiled" compiles each block with torch.compile as
-torchtitan does (`apply_compile`).
+torchtitan does (`apply_compile`). `--floor` adds an eager arm `floor`: GeoNorm with its steps
+replaced by `FloorStep`, which does Pre-LN's residual add plus only the passes over the rows that
+any fused GeoNorm kernel must make, i.e. the best an eager GeoNorm step could do.
 
     python scripts/bench_variants.py [--flavor tiny | --dim 256 --n-layers 6 --n-heads 16]
         [--seq-len 256 --batch 4] [--norm-type rmsnorm] [--modes eager,compiled] [--rounds 7]
-        [--json out.json]
+        [--floor] [--json out.json]
 """
 
 # isort: off
@@ -24,6 +26,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchtitan.models.llama3 import Transformer
 from torchtitan.models.llama3.infra.parallelize import apply_compile
 from torchtitan.models.llama3.model.args import TransformerModelArgs
@@ -34,6 +37,36 @@ from titan_geonorm.models.model import VariantTransformer
 
 REFERENCE = "titan"
 ARMS = [REFERENCE] + [v.value for v in BlockVariant]
+FLOOR = "floor"
+
+
+class _FloorTraffic(torch.autograd.Function):
+    """`h + u` with the memory traffic of an ideal fused GeoNorm step and none of its maths.
+
+    A fused kernel must read h and u once for the row statistics (||h||, <h,u>, ||u||) and once
+    more to write the output (5 row passes, against the add's 3), and in backward read g, h and u
+    for <g,h>, <g,u> and write both gradients (about 7, against none: the add passes g through).
+    The reductions stand in for those reads; their values are not needed here.
+    """
+
+    @staticmethod
+    def forward(ctx, h, u):
+        ctx.save_for_backward(h, u)
+        torch.linalg.vector_norm(h, dim=-1)
+        torch.linalg.vector_norm(u, dim=-1)
+        return h + u
+
+    @staticmethod
+    def backward(ctx, g):
+        h, u = ctx.saved_tensors
+        for x in (g, h, u):
+            torch.linalg.vector_norm(x, dim=-1)
+        return g * 1.0, g * 1.0
+
+
+class FloorStep(nn.Module):
+    def forward(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return _FloorTraffic.apply(h, u)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--floor", action="store_true", help="add the eager `floor` arm (module doc)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
     args.modes = args.modes.split(",")
@@ -82,9 +116,13 @@ def build(arm: str, args: argparse.Namespace, compiled: bool):
     if arm == REFERENCE:
         model = Transformer(TransformerModelArgs(**shape))
     else:
-        model = VariantTransformer(VariantModelArgs(**shape, block=arm, norm_type=args.norm_type))
+        block = BlockVariant.GEONORM.value if arm == FLOOR else arm
+        model = VariantTransformer(VariantModelArgs(**shape, block=block, norm_type=args.norm_type))
     with torch.no_grad():
         model.init_weights()
+    if arm == FLOOR:
+        for layer in model.layers.values():
+            layer.attention_step, layer.ffn_step = FloorStep(), FloorStep()
     if compiled:
         apply_compile(model, types.SimpleNamespace(backend="inductor"))
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -105,22 +143,28 @@ def time_steps(model, optimizer, batch, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def arms_of(args: argparse.Namespace, compiled: bool) -> list[str]:
+    """The timed arms; the floor is an eager question (inductor fuses the real step itself)."""
+    return ARMS + [FLOOR] if args.floor and not compiled else ARMS
+
+
 def bench_mode(args: argparse.Namespace, compiled: bool) -> dict:
     batch = torch.randint(
         0, args.vocab_size, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0)
     )
-    runs = {arm: build(arm, args, compiled) for arm in ARMS}
+    arms = arms_of(args, compiled)
+    runs = {arm: build(arm, args, compiled) for arm in arms}
     for model, opt in runs.values():
         for _ in range(args.warmup):
             train_step(model, opt, batch)
-    times = {arm: [] for arm in ARMS}
+    times = {arm: [] for arm in arms}
     for r in range(args.rounds):
-        order = ARMS[r % len(ARMS) :] + ARMS[: r % len(ARMS)]
+        order = arms[r % len(arms) :] + arms[: r % len(arms)]
         for arm in order:
             times[arm].append(time_steps(*runs[arm], batch, args.steps))
     tokens = args.batch * args.seq_len
     results = {}
-    for arm in ARMS:
+    for arm in arms:
         ratio = statistics.median(t / ref for t, ref in zip(times[arm], times[REFERENCE]))
         results[arm] = {
             "median_s": statistics.median(times[arm]),
@@ -141,10 +185,12 @@ def main(argv=None) -> None:
         f"batch {args.batch}, {args.norm_type}, threads {args.threads}, torch {torch.__version__}"
     )
     print(f"{'arm':<8}" + "".join(f"{m + ' s/step':>16}{m + ' tok/s':>14}{m + ' x titan':>18}" for m in args.modes))
-    for arm in ARMS:
+    for arm in dict.fromkeys(arm for m in args.modes for arm in results[m]):
         row = "".join(
             f"{results[m][arm]['median_s']:>16.4f}{results[m][arm]['tokens_per_s']:>14.0f}"
             f"{results[m][arm]['tokens_per_s_vs_titan']:>18.3f}"
+            if arm in results[m]
+            else f"{'-':>48}"
             for m in args.modes
         )
         print(f"{arm:<8}{row}")
