@@ -29,8 +29,8 @@ def seed(tmp_path_factory) -> Path:
     return dump
 
 
-def from_seed(seed: Path, dump: Path, *overrides: str, nproc: int = 1) -> list[float]:
-    train(dump, *seeded_args(seed, dump), *overrides, nproc=nproc)
+def from_seed(seed: Path, dump: Path, *overrides: str, nproc: int = 1, interval: int = 1000) -> list[float]:
+    train(dump, *seeded_args(seed, dump, interval=interval), *overrides, nproc=nproc)
     return losses(dump)
 
 
@@ -44,7 +44,7 @@ def assert_trains(dump: Path, n_steps: int = 10) -> None:
 @pytest.fixture(scope="module")
 def single(seed, tmp_path_factory) -> Path:
     dump = tmp_path_factory.mktemp("single")
-    from_seed(seed, dump, "--checkpoint.interval", "5")
+    from_seed(seed, dump, interval=5)
     return dump
 
 
