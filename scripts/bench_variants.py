@@ -7,11 +7,14 @@ reported ratios are medians over rounds of (arm time / titan time in the same ro
 tokens/s relative to titan is their inverse. "Compiled" compiles each block with torch.compile as
 torchtitan does (`apply_compile`). `--floor` adds an eager arm `floor`: GeoNorm with its steps
 replaced by `FloorStep`, which does Pre-LN's residual add plus only the passes over the rows that
-any fused GeoNorm kernel must make, i.e. the best an eager GeoNorm step could do.
+any fused GeoNorm kernel must make, i.e. the best an eager GeoNorm step could do. `--torch-step`
+adds an eager arm `geonorm_torch`: GeoNorm with its step in torch ops (`_FusedStep`) instead of
+the native CPU kernel (`titan_geonorm.geodesic_kernel`), so the kernel's gain is measured in the
+same run.
 
     python scripts/bench_variants.py [--flavor tiny | --dim 256 --n-layers 6 --n-heads 16]
         [--seq-len 256 --batch 4] [--norm-type rmsnorm] [--modes eager,compiled] [--rounds 7]
-        [--floor] [--json out.json]
+        [--floor] [--torch-step] [--json out.json]
 """
 
 # isort: off
@@ -31,6 +34,7 @@ from torchtitan.models.llama3 import Transformer
 from torchtitan.models.llama3.infra.parallelize import apply_compile
 from torchtitan.models.llama3.model.args import TransformerModelArgs
 
+from titan_geonorm import geodesic_kernel
 from titan_geonorm.models.args import BlockVariant, VariantModelArgs
 from titan_geonorm.models.flavors import flavor_kwargs
 from titan_geonorm.models.model import VariantTransformer
@@ -38,6 +42,7 @@ from titan_geonorm.models.model import VariantTransformer
 REFERENCE = "titan"
 ARMS = [REFERENCE] + [v.value for v in BlockVariant]
 FLOOR = "floor"
+TORCH_STEP = "geonorm_torch"
 
 
 class _FloorTraffic(torch.autograd.Function):
@@ -86,6 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--floor", action="store_true", help="add the eager `floor` arm (module doc)")
+    p.add_argument("--torch-step", action="store_true", help="add the eager `geonorm_torch` arm (module doc)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
     args.modes = args.modes.split(",")
@@ -116,7 +122,7 @@ def build(arm: str, args: argparse.Namespace, compiled: bool):
     if arm == REFERENCE:
         model = Transformer(TransformerModelArgs(**shape))
     else:
-        block = BlockVariant.GEONORM.value if arm == FLOOR else arm
+        block = BlockVariant.GEONORM.value if arm in (FLOOR, TORCH_STEP) else arm
         model = VariantTransformer(VariantModelArgs(**shape, block=block, norm_type=args.norm_type))
     with torch.no_grad():
         model.init_weights()
@@ -136,16 +142,22 @@ def train_step(model, optimizer, batch: torch.Tensor) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def time_steps(model, optimizer, batch, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_step(model, optimizer, batch)
-    return (time.perf_counter() - start) / steps
+def time_steps(arm: str, model, optimizer, batch, steps: int) -> float:
+    kernel = geodesic_kernel.enabled
+    geodesic_kernel.enabled = kernel and arm != TORCH_STEP
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            train_step(model, optimizer, batch)
+        return (time.perf_counter() - start) / max(steps, 1)
+    finally:
+        geodesic_kernel.enabled = kernel
 
 
 def arms_of(args: argparse.Namespace, compiled: bool) -> list[str]:
-    """The timed arms; the floor is an eager question (inductor fuses the real step itself)."""
-    return ARMS + [FLOOR] if args.floor and not compiled else ARMS
+    """The timed arms; floor and torch step are eager questions (inductor fuses the real step itself)."""
+    extra = [arm for arm, wanted in ((FLOOR, args.floor), (TORCH_STEP, args.torch_step)) if wanted]
+    return ARMS if compiled else ARMS + extra
 
 
 def bench_mode(args: argparse.Namespace, compiled: bool) -> dict:
@@ -154,14 +166,13 @@ def bench_mode(args: argparse.Namespace, compiled: bool) -> dict:
     )
     arms = arms_of(args, compiled)
     runs = {arm: build(arm, args, compiled) for arm in arms}
-    for model, opt in runs.values():
-        for _ in range(args.warmup):
-            train_step(model, opt, batch)
+    for arm, (model, opt) in runs.items():
+        time_steps(arm, model, opt, batch, args.warmup)
     times = {arm: [] for arm in arms}
     for r in range(args.rounds):
         order = arms[r % len(arms) :] + arms[: r % len(arms)]
         for arm in order:
-            times[arm].append(time_steps(*runs[arm], batch, args.steps))
+            times[arm].append(time_steps(arm, *runs[arm], batch, args.steps))
     tokens = args.batch * args.seq_len
     results = {}
     for arm in arms:
@@ -184,7 +195,7 @@ def main(argv=None) -> None:
         f"dim {args.dim}, layers {args.n_layers}, heads {args.n_heads}/{args.n_kv_heads}, seq {args.seq_len}, "
         f"batch {args.batch}, {args.norm_type}, threads {args.threads}, torch {torch.__version__}"
     )
-    print(f"{'arm':<8}" + "".join(f"{m + ' s/step':>16}{m + ' tok/s':>14}{m + ' x titan':>18}" for m in args.modes))
+    print(f"{'arm':<14}" + "".join(f"{m + ' s/step':>16}{m + ' tok/s':>14}{m + ' x titan':>18}" for m in args.modes))
     for arm in dict.fromkeys(arm for m in args.modes for arm in results[m]):
         row = "".join(
             f"{results[m][arm]['median_s']:>16.4f}{results[m][arm]['tokens_per_s']:>14.0f}"
@@ -193,7 +204,7 @@ def main(argv=None) -> None:
             else f"{'-':>48}"
             for m in args.modes
         )
-        print(f"{arm:<8}{row}")
+        print(f"{arm:<14}{row}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": {k: v for k, v in vars(args).items() if k != "json"}, "results": results}, f, indent=2)

@@ -379,16 +379,19 @@ def test_decay_index_block_shares_the_decay_of_both_sublayers():
         torch.testing.assert_close(block(x, fc, None), expected)
 
 
+@pytest.mark.parametrize("impl", ["fused", "native"])
 @pytest.mark.parametrize("scalars", ["tensors", "floats", "no_bias"])
 @pytest.mark.parametrize("base_max", [0.9, math.inf])
 @pytest.mark.parametrize("bias", [0.0, 0.1])
 @pytest.mark.parametrize("update_map", UPDATE_MAPS)
 @pytest.mark.parametrize("radius", RADII)
-def test_fused_backward_matches_autograd(radius, update_map, bias, base_max, scalars):
-    """The eager `_FusedStep` (hand-derived backward) against the autograd ops TP and
-    torch.compile run, float64: outputs and every gradient, with zero, tiny, clamped (base and
-    final), large-angle and near-radial updates, learnable or fixed step and bias."""
-    from titan_geonorm import geonorm
+def test_fused_backward_matches_autograd(radius, update_map, bias, base_max, scalars, impl):
+    """The eager steps, `_FusedStep` (hand-derived backward) and the C++ `NativeStep`, against the
+    autograd ops TP and torch.compile run, float64: outputs and every gradient, with zero, tiny,
+    clamped (base and final), large-angle and near-radial updates, learnable or fixed step and bias."""
+    from titan_geonorm import geodesic_kernel, geonorm
+
+    eager = geonorm._FusedStep.apply if impl == "fused" else geodesic_kernel.NativeStep.apply
 
     h = _sphere(9, dim=8, dtype=torch.float64)
     gen = torch.Generator().manual_seed(6)
@@ -402,7 +405,7 @@ def test_fused_backward_matches_autograd(radius, update_map, bias, base_max, sca
     g = torch.randn(9, 8, dtype=torch.float64, generator=gen)
     options = dict(theta_max=1.2, update_map=update_map, theta_base_max=base_max, radius=radius)
     results = []
-    for step_fn in (geonorm._FusedStep.apply, geonorm._autograd_step):
+    for step_fn in (eager, geonorm._autograd_step):
         leaves = [x.clone().requires_grad_() for x in (h, u)]
         if scalars == "floats":
             step, b = 0.8, bias
@@ -420,15 +423,20 @@ def test_fused_backward_matches_autograd(radius, update_map, bias, base_max, sca
         torch.testing.assert_close(gf, ga, rtol=1e-9, atol=1e-10)
 
 
-def test_fused_step_backward_runs_no_autograd_and_keeps_the_scalars_dtype(monkeypatch):
+@pytest.mark.parametrize("native", [False, True])
+def test_fused_step_backward_runs_no_autograd_and_keeps_the_scalars_dtype(monkeypatch, native):
     """Backward differentiates by hand (no `torch.autograd.grad` on a rebuilt graph) and returns
-    the step scalars' gradients in their own dtype and shape (fp32 parameters, bf16 rows)."""
+    the step scalars' gradients in their own dtype and shape (fp32 parameters, bf16 rows), on
+    CPU in the C++ kernel or, with it disabled, in torch ops."""
+    from titan_geonorm import geodesic_kernel
+
+    monkeypatch.setattr(geodesic_kernel, "enabled", native)
     h, u = _sphere(4).bfloat16().requires_grad_(), _updates(4).bfloat16().requires_grad_()
     step = torch.tensor([0.7], requires_grad=True)
     bias = torch.tensor([0.05], requires_grad=True)
     out = geodesic_step(h, u, step, math.pi / 4, bias=bias, radius="prenorm", theta_base_max=math.pi / 4)
     assert out.dtype == torch.bfloat16
-    assert out.grad_fn.next_functions[0][0].name() == "_FusedStepBackward"
+    assert out.grad_fn.next_functions[0][0].name() == ("NativeStepBackward" if native else "_FusedStepBackward")
 
     def no_grad(*args, **kwargs):
         raise AssertionError("the fused backward called torch.autograd.grad")

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from titan_geonorm import geodesic_kernel
+
 DECAY_SCHEDULES = ("none", "sqrt", "harmonic", "linear")
 
 RADII = ("sphere", "prenorm")
@@ -78,14 +80,17 @@ def geodesic_step(
     clamp ratio or atan2's series: without a bias, nothing divides by ||v||, and a zero update
     gives exactly R h/||h|| with finite gradients.
 
-    Eager on plain tensors it runs as `_FusedStep` (a hand-written backward); on DTensors (TP)
-    and under torch.compile as autograd ops (`_autograd_step`); tests hold the two equal.
+    Eager on plain CPU tensors it runs as the native kernel `geodesic_kernel.NativeStep`, on other
+    plain tensors (CUDA) as `_FusedStep` (a hand-written backward), on DTensors (TP) and under
+    torch.compile as autograd ops (`_autograd_step`); tests hold the three equal.
     """
     options = dict(theta_max=theta_max, update_map=update_map, theta_base_max=theta_base_max, radius=radius)
     h32, u32 = _working(h, u, center)
     if any(isinstance(x, DTensor) for x in (h32, u32, step, bias)) or torch.compiler.is_compiling():
         # TP's sequence-sharded DTensors and inductor (which fuses these ops itself) take autograd.
         out = _autograd_step(h32, u32, step, bias, options)
+    elif geodesic_kernel.takes(h32, step, bias):
+        out = geodesic_kernel.NativeStep.apply(h32, u32, step, bias, options)
     else:
         out = _FusedStep.apply(h32, u32, step, bias, options)
     return out.to(h.dtype)

@@ -1,4 +1,5 @@
-"""scripts/bench_variants.py: the `floor` arm computes Pre-LN and the run reports it beside the others."""
+"""scripts/bench_variants.py: the `floor` arm computes Pre-LN, the `geonorm_torch` arm is GeoNorm without
+the CPU kernel, and the run reports both beside the others."""
 
 import importlib.util
 import json
@@ -6,6 +7,7 @@ import json
 import torch
 
 from tests.launch import REPO
+from titan_geonorm import geodesic_kernel
 
 _spec = importlib.util.spec_from_file_location("bench_variants", REPO / "scripts" / "bench_variants.py")
 bench = importlib.util.module_from_spec(_spec)
@@ -30,13 +32,26 @@ def test_floor_is_pre_ln_with_the_same_weights():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_floor_arm_is_timed_eager_only(tmp_path, capsys):
+def test_torch_step_arm_is_geonorm_timed_without_the_kernel(monkeypatch):
+    monkeypatch.setattr(geodesic_kernel, "enabled", True)
+    args = bench.parse_args(_SMALL + ["--torch-step"])
+    model, _ = bench.build(bench.TORCH_STEP, args, compiled=False)
+    assert model.model_args.block == "geonorm"
+    kernel_on = []
+    monkeypatch.setattr(bench, "train_step", lambda *_: kernel_on.append(geodesic_kernel.enabled))
+    for arm in ("geonorm", bench.TORCH_STEP, "pre"):
+        bench.time_steps(arm, model, None, None, steps=1)
+    assert kernel_on == [True, False, True]
+    assert geodesic_kernel.enabled
+
+
+def test_extra_arms_are_timed_eager_only(tmp_path, capsys):
     out = tmp_path / "variants.json"
-    argv = _SMALL + ["--floor", "--modes", "eager", "--rounds", "1", "--steps", "1", "--warmup", "0"]
+    argv = _SMALL + ["--floor", "--torch-step", "--modes", "eager", "--rounds", "1", "--steps", "1", "--warmup", "0"]
     bench.main(argv + ["--json", str(out)])
     results = json.loads(out.read_text())["results"]
-    assert list(results["eager"]) == bench.ARMS + [bench.FLOOR]
-    assert results["eager"][bench.FLOOR]["tokens_per_s_vs_titan"] > 0
+    assert list(results["eager"]) == bench.ARMS + [bench.FLOOR, bench.TORCH_STEP]
+    assert all(results["eager"][arm]["tokens_per_s_vs_titan"] > 0 for arm in (bench.FLOOR, bench.TORCH_STEP))
     assert "floor" in capsys.readouterr().out
-    # Compiled, inductor fuses the real step; the floor would only measure a graph break.
+    # Compiled, inductor fuses the real step; these arms would only measure a graph break.
     assert bench.arms_of(bench.parse_args(argv), compiled=True) == bench.ARMS

@@ -1,0 +1,82 @@
+"""GeoNorm's geodesic step as a native CPU kernel (`csrc/geodesic_step.cpp`), built on first use.
+
+Eager GeoNorm on CPU spent most of a step dispatching ~170 small tensor ops per geodesic step
+(docs/benchmarks.md, session 15); the kernel computes what `geonorm._FusedStep` computes, row
+statistics, per-row coefficients and both directions' passes over the rows, in one C++ call each
+way. It is built with `torch.utils.cpp_extension` (a C++ compiler and ninja; ~15 s once per
+machine, cached under `TORCH_EXTENSIONS_DIR`). Where it cannot be built, `geodesic_step` keeps
+`_FusedStep` and says so once. CUDA tensors, DTensors and torch.compile never take this path.
+"""
+
+import functools
+import logging
+import os
+import pathlib
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = pathlib.Path(__file__).parent / "csrc" / "geodesic_step.cpp"
+_NAME = "titan_geonorm_geodesic_step"
+
+# `TITAN_GEONORM_CPU_KERNEL=0` keeps the torch ops (`_FusedStep`) on CPU too, e.g. to compare them.
+enabled = os.environ.get("TITAN_GEONORM_CPU_KERNEL", "1") != "0"
+
+
+@functools.cache
+def available() -> bool:
+    """Build (the first time on a machine) and load the kernel; False, with one warning, if it can't."""
+    logger.info("loading GeoNorm's CPU kernel %s (built once per machine, ~15 s)", SOURCE.name)
+    from torch.utils import cpp_extension  # imports setuptools: only when a CPU step needs it
+
+    try:
+        cpp_extension.load(
+            _NAME,
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+    except (RuntimeError, OSError, ImportError) as err:
+        logger.warning("GeoNorm's CPU kernel is unavailable (%s); eager CPU steps use torch ops (slower)", err)
+        return False
+    return True
+
+
+def takes(h: torch.Tensor, step, bias) -> bool:
+    """Whether `NativeStep` applies: enabled, plain fp32/fp64 CPU rows, one-element step scalars."""
+    scalars_ok = all(not isinstance(x, torch.Tensor) or x.numel() == 1 for x in (step, bias))
+    return (
+        enabled and h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64) and scalars_ok and available()
+    )
+
+
+class NativeStep(torch.autograd.Function):
+    """`geonorm._FusedStep` in C++: forward saves h, u and three doubles per row (||h||^2,
+    <h, u>, ||v||), backward recomputes the per-row coefficients from them."""
+
+    @staticmethod
+    def forward(ctx, h, u, step, bias, options):
+        args = (
+            *(float(x.detach()) if isinstance(x, torch.Tensor) else float(x) for x in (step, bias)),
+            float(options["theta_max"]),
+            float(options["theta_base_max"]),
+            options["update_map"] == "retraction",
+            options["radius"] == "prenorm",
+        )
+        out, stats = torch.ops.titan_geonorm.geodesic_step_forward(h, u, *args)
+        ctx.save_for_backward(h, u, stats)
+        ctx.args = args
+        ctx.scalars = [(x.shape, x.dtype) if isinstance(x, torch.Tensor) else None for x in (step, bias)]
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        h, u, stats = ctx.saved_tensors
+        grad_h, grad_u, sums = torch.ops.titan_geonorm.geodesic_step_backward(g, h, u, stats, *ctx.args)
+        scalar_grads = [
+            sums[i].reshape(meta[0]).to(meta[1]) if meta is not None and ctx.needs_input_grad[2 + i] else None
+            for i, meta in enumerate(ctx.scalars)
+        ]
+        return grad_h, grad_u, *scalar_grads, None
