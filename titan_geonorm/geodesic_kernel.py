@@ -74,9 +74,15 @@ class NativeStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         h, u, stats = ctx.saved_tensors
-        grad_h, grad_u, sums = torch.ops.titan_geonorm.geodesic_step_backward(g, h, u, stats, *ctx.args)
+        grad_h, grad_u, *sums = torch.ops.titan_geonorm.geodesic_step_backward(g, h, u, stats, *ctx.args)
         scalar_grads = [
-            sums[i].reshape(meta[0]).to(meta[1]) if meta is not None and ctx.needs_input_grad[2 + i] else None
-            for i, meta in enumerate(ctx.scalars)
+            _like(grad, meta) if meta is not None and needed else None
+            for grad, meta, needed in zip(sums, ctx.scalars, ctx.needs_input_grad[2:4])
         ]
         return grad_h, grad_u, *scalar_grads, None
+
+
+def _like(grad: torch.Tensor, meta: tuple[torch.Size, torch.dtype]) -> torch.Tensor:
+    """The kernel's (1,)-shaped sum in its scalar's shape and dtype (no op when they agree)."""
+    shape, dtype = meta
+    return grad if grad.shape == shape and grad.dtype == dtype else grad.reshape(shape).to(dtype)

@@ -141,38 +141,58 @@ void check_rows(const at::Tensor& x, const at::Tensor& h, const char* name) {
 #define ROW_LOOP
 #endif
 
+// Rows go in blocks: first the passes that read them, then the per-row scalars of the whole block
+// (independent across rows, so the CPU overlaps their division/sqrt/sincos chains instead of
+// waiting on each), then the writes while the block is still in cache.
+constexpr int64_t kBlock = 32;
+
+int64_t block_rows(int64_t dim) { return std::clamp<int64_t>(16384 / std::max<int64_t>(dim, 1), 1, kBlock); }
+
 // Macro arguments cannot hold the `omp simd` pragmas, so the row loops live in templates.
 template <typename scalar_t>
 ROW_LOOP void forward_range(const scalar_t* hp, const scalar_t* up, scalar_t* op, double* sp, int64_t begin,
                             int64_t end, int64_t dim, const Options& o) {
-  for (int64_t row = begin; row < end; ++row) {
-    const scalar_t* x = hp + row * dim;
-    const scalar_t* y = up + row * dim;
-    double hh = 0, hu = 0;
+  double coef_h[kBlock], coef_u[kBlock];
+  for (int64_t first = begin; first < end; first += block_rows(dim)) {
+    const int64_t n = std::min(block_rows(dim), end - first);
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t* x = hp + (first + j) * dim;
+      const scalar_t* y = up + (first + j) * dim;
+      double hh = 0, hu = 0;
 #pragma omp simd reduction(+ : hh, hu)
-    for (int64_t i = 0; i < dim; ++i) {
-      hh += double(x[i]) * x[i];
-      hu += double(x[i]) * y[i];
-    }
-    const double sq = std::max(hh, kMin);
-    const double c = hu / sq;
-    double vv = 0;
+      for (int64_t i = 0; i < dim; ++i) {
+        hh += double(x[i]) * x[i];
+        hu += double(x[i]) * y[i];
+      }
+      const double sq = std::max(hh, kMin);
+      const double c = hu / sq;
+      double vv = 0;
 #pragma omp simd reduction(+ : vv)
-    for (int64_t i = 0; i < dim; ++i) {
-      const double v = y[i] - c * x[i];
-      vv += v * v;
+      for (int64_t i = 0; i < dim; ++i) {
+        const double v = y[i] - c * x[i];
+        vv += v * v;
+      }
+      double* stats = sp + 3 * (first + j);
+      stats[0] = sq;
+      stats[1] = hu;
+      stats[2] = std::sqrt(vv);
     }
-    const double v_norm = std::sqrt(vv);
-    const Row r = coefficients(sq, hu, v_norm, o);
-    // h' = coef_h h + coef_v (u - c h).
-    const double coef_v = r.coef_v();
-    const scalar_t a = scalar_t(r.coef_h() - coef_v * c), b = scalar_t(coef_v);
-    scalar_t* z = op + row * dim;
+    for (int64_t j = 0; j < n; ++j) {
+      const double* stats = sp + 3 * (first + j);
+      const Row r = coefficients(stats[0], stats[1], stats[2], o);
+      // h' = coef_h h + coef_v (u - c h).
+      const double coef_v = r.coef_v();
+      coef_h[j] = r.coef_h() - coef_v * stats[1] / stats[0];
+      coef_u[j] = coef_v;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t* x = hp + (first + j) * dim;
+      const scalar_t* y = up + (first + j) * dim;
+      scalar_t* z = op + (first + j) * dim;
+      const scalar_t a = scalar_t(coef_h[j]), b = scalar_t(coef_u[j]);
 #pragma omp simd
-    for (int64_t i = 0; i < dim; ++i) z[i] = a * x[i] + b * y[i];
-    sp[3 * row] = sq;
-    sp[3 * row + 1] = hu;
-    sp[3 * row + 2] = v_norm;
+      for (int64_t i = 0; i < dim; ++i) z[i] = a * x[i] + b * y[i];
+    }
   }
 }
 
@@ -180,39 +200,60 @@ template <typename scalar_t>
 ROW_LOOP void backward_range(const scalar_t* gp, const scalar_t* hp, const scalar_t* up, const double* sp,
                              scalar_t* ghp, scalar_t* gup, double* scalars, int64_t begin, int64_t end, int64_t dim,
                              const Options& o) {
-  for (int64_t row = begin; row < end; ++row) {
-    const scalar_t* gr = gp + row * dim;
-    const scalar_t* x = hp + row * dim;
-    const scalar_t* y = up + row * dim;
-    double gh = 0, gu = 0;
-#pragma omp simd reduction(+ : gh, gu)
-    for (int64_t i = 0; i < dim; ++i) {
-      gh += double(gr[i]) * x[i];
-      gu += double(gr[i]) * y[i];
+  // Per row of the block: <g,h>, <g,u>, then the coefficients of g, h, u in both gradients.
+  double gh[kBlock], gu[kBlock], a_g[kBlock], a_h[kBlock], a_u[kBlock], b_g[kBlock], b_u[kBlock];
+  for (int64_t first = begin; first < end; first += block_rows(dim)) {
+    const int64_t n = std::min(block_rows(dim), end - first);
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t* gr = gp + (first + j) * dim;
+      const scalar_t* x = hp + (first + j) * dim;
+      const scalar_t* y = up + (first + j) * dim;
+      double dot_h = 0, dot_u = 0;
+#pragma omp simd reduction(+ : dot_h, dot_u)
+      for (int64_t i = 0; i < dim; ++i) {
+        dot_h += double(gr[i]) * x[i];
+        dot_u += double(gr[i]) * y[i];
+      }
+      gh[j] = dot_h;
+      gu[j] = dot_u;
     }
-    const double sq = sp[3 * row], hu = sp[3 * row + 1], v_norm = sp[3 * row + 2];
-    const double c = hu / sq;
-    const Row r = coefficients(sq, hu, v_norm, o);
-    const RowGrad d = coefficients_backward(r, gh, gu - c * gh, o);
-    scalars[2 * row] = d.step;
-    scalars[2 * row + 1] = d.bias;
-    // `_FusedStep.backward`: ratio = ||v||/||h||, 1 + c = 1 + <h,u>/||h||^2.
-    const double coef_h = r.coef_h(), coef_v = r.coef_v();
-    const double d_vn = d.ratio / std::sqrt(sq);
-    const double d_hu = d.one_c / sq;
-    const double d_sq = -(d_hu * c + 0.5 * d_vn * v_norm / sq);
-    const double dc = -coef_v * gh;
-    const double dd = sq > kMin ? d_sq - dc * c / sq : 0;
-    const double e = v_norm > 0 ? d_vn / std::max(v_norm, kMin) : 0;
-    const double k = d_hu + dc / sq - c * e;
-    const scalar_t a_g = scalar_t(coef_h - c * coef_v), a_h = scalar_t(2 * dd + c * c * e), a_u = scalar_t(k);
-    const scalar_t b_g = scalar_t(coef_v), b_h = scalar_t(k), b_u = scalar_t(e);
-    scalar_t* zh = ghp + row * dim;
-    scalar_t* zu = gup + row * dim;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t row = first + j;
+      const double sq = sp[3 * row], hu = sp[3 * row + 1], v_norm = sp[3 * row + 2];
+      const double c = hu / sq;
+      const Row r = coefficients(sq, hu, v_norm, o);
+      const RowGrad d = coefficients_backward(r, gh[j], gu[j] - c * gh[j], o);
+      scalars[2 * row] = d.step;
+      scalars[2 * row + 1] = d.bias;
+      // `_FusedStep.backward`: ratio = ||v||/||h||, 1 + c = 1 + <h,u>/||h||^2.
+      const double coef_v = r.coef_v();
+      const double d_vn = d.ratio / std::sqrt(sq);
+      const double d_hu = d.one_c / sq;
+      const double d_sq = -(d_hu * c + 0.5 * d_vn * v_norm / sq);
+      const double dc = -coef_v * gh[j];
+      const double dd = sq > kMin ? d_sq - dc * c / sq : 0;
+      const double e = v_norm > 0 ? d_vn / std::max(v_norm, kMin) : 0;
+      const double k = d_hu + dc / sq - c * e;
+      a_g[j] = r.coef_h() - c * coef_v;
+      a_h[j] = 2 * dd + c * c * e;
+      a_u[j] = k;  // also the coefficient of h in d/du
+      b_g[j] = coef_v;
+      b_u[j] = e;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t offset = (first + j) * dim;
+      const scalar_t* gr = gp + offset;
+      const scalar_t* x = hp + offset;
+      const scalar_t* y = up + offset;
+      scalar_t* zh = ghp + offset;
+      scalar_t* zu = gup + offset;
+      const scalar_t ag = scalar_t(a_g[j]), ah = scalar_t(a_h[j]), k = scalar_t(a_u[j]);
+      const scalar_t bg = scalar_t(b_g[j]), e = scalar_t(b_u[j]);
 #pragma omp simd
-    for (int64_t i = 0; i < dim; ++i) {
-      zh[i] = a_g * gr[i] + a_h * x[i] + a_u * y[i];
-      zu[i] = b_g * gr[i] + b_h * x[i] + b_u * y[i];
+      for (int64_t i = 0; i < dim; ++i) {
+        zh[i] = ag * gr[i] + ah * x[i] + k * y[i];
+        zu[i] = bg * gr[i] + k * x[i] + e * y[i];
+      }
     }
   }
 }
@@ -239,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& h_in, const at::Ten
   return {out, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_in, const at::Tensor& h_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_in, const at::Tensor& h_in,
                                                         const at::Tensor& u_in, const at::Tensor& stats_in,
                                                         double step, double bias, double theta_max,
                                                         double theta_base_max, bool retraction, bool prenorm) {
@@ -270,10 +311,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_in, 
     d_step += row_scalars[2 * row];
     d_bias += row_scalars[2 * row + 1];
   }
-  at::Tensor scalars = at::empty({2}, h.options().dtype(at::kDouble));
-  scalars.mutable_data_ptr<double>()[0] = d_step;
-  scalars.mutable_data_ptr<double>()[1] = d_bias;
-  return {grad_h, grad_u, scalars};
+  // Shape (1,) in the rows' dtype: what a step parameter times its decay is, so usually no cast.
+  at::Tensor grad_step = at::empty({1}, h.options()), grad_bias = at::empty({1}, h.options());
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "geodesic_step_scalars", [&] {
+    grad_step.mutable_data_ptr<scalar_t>()[0] = scalar_t(d_step);
+    grad_bias.mutable_data_ptr<scalar_t>()[0] = scalar_t(d_bias);
+  });
+  return {grad_h, grad_u, grad_step, grad_bias};
 }
 
 }  // namespace
@@ -284,7 +328,7 @@ TORCH_LIBRARY(titan_geonorm, m) {
       "bool retraction, bool prenorm) -> (Tensor, Tensor)");
   m.def(
       "geodesic_step_backward(Tensor grad, Tensor h, Tensor u, Tensor stats, float step, float bias, "
-      "float theta_max, float theta_base_max, bool retraction, bool prenorm) -> (Tensor, Tensor, Tensor)");
+      "float theta_max, float theta_base_max, bool retraction, bool prenorm) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(titan_geonorm, CPU, m) {
