@@ -126,3 +126,22 @@ def test_the_kernel_source_ships_with_the_package():
     patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     relative = geodesic_kernel.SOURCE.relative_to(root / "titan_geonorm")
     assert any(relative.match(p) for p in patterns["titan_geonorm"])
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, caplog):
+    """torch waits forever on its build lock; a lock older than any build is a killed build's."""
+    import os
+    import time
+
+    directory = geodesic_kernel.build_directory(str(tmp_path))
+    assert directory.parent == tmp_path and torch.__version__.replace("+", "_") in directory.name
+    lock = directory / "lock"
+    lock.touch()
+    geodesic_kernel.clear_stale_lock(directory)
+    assert lock.exists()
+    old = time.time() - geodesic_kernel.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    with caplog.at_level(logging.WARNING, logger=geodesic_kernel.__name__):
+        geodesic_kernel.clear_stale_lock(directory)
+    assert not lock.exists() and "did not finish" in caplog.text
+    geodesic_kernel.clear_stale_lock(directory)  # no lock: nothing to do

@@ -12,6 +12,8 @@ import functools
 import logging
 import os
 import pathlib
+import sys
+import time
 
 import torch
 
@@ -19,6 +21,10 @@ logger = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).parent / "csrc" / "geodesic_step.cpp"
 _NAME = "titan_geonorm_geodesic_step"
+
+# torch's build lock has no timeout: a process killed mid-build (~15 s) would leave every later
+# build waiting forever. One older than this is stale.
+STALE_LOCK_S = 600
 
 # `TITAN_GEONORM_CPU_KERNEL=0` keeps the torch ops (`_FusedStep`) on CPU too, e.g. to compare them.
 enabled = os.environ.get("TITAN_GEONORM_CPU_KERNEL", "1") != "0"
@@ -31,9 +37,12 @@ def available() -> bool:
     from torch.utils import cpp_extension  # imports setuptools: only when a CPU step needs it
 
     try:
+        directory = build_directory(cpp_extension.get_default_build_root())
+        clear_stale_lock(directory)
         cpp_extension.load(
             _NAME,
             sources=[str(SOURCE)],
+            build_directory=str(directory),
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
@@ -42,6 +51,26 @@ def available() -> bool:
         logger.warning("GeoNorm's CPU kernel is unavailable (%s); eager CPU steps use torch ops (slower)", err)
         return False
     return True
+
+
+def build_directory(root: str) -> pathlib.Path:
+    """One build per torch and Python version: the library links against both, and torch's own
+    default folder would reuse it across a torch upgrade in the same environment."""
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
+    directory = pathlib.Path(root) / f"{_NAME}-{tag}"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def clear_stale_lock(directory: pathlib.Path) -> None:
+    lock = directory / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        logger.warning("removing %s, left %.0f s ago by a build that did not finish", lock, age)
+        lock.unlink(missing_ok=True)
 
 
 def takes(h: torch.Tensor, step, bias) -> bool:
