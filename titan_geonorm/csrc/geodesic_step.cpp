@@ -140,6 +140,12 @@ void check_rows(const at::Tensor& x, const at::Tensor& h, const char* name) {
 #else
 #define ROW_LOOP
 #endif
+// Inlined into each clone, so it is compiled for the clone's instruction set.
+#if defined(__GNUC__)
+#define IN_CLONE inline __attribute__((always_inline))
+#else
+#define IN_CLONE inline
+#endif
 
 // Rows go in blocks: first the passes that read them, then the per-row scalars of the whole block
 // (independent across rows, so the CPU overlaps their division/sqrt/sincos chains instead of
@@ -149,6 +155,21 @@ constexpr int64_t kBlock = 32;
 int64_t block_rows(int64_t dim) { return std::clamp<int64_t>(16384 / std::max<int64_t>(dim, 1), 1, kBlock); }
 
 // Macro arguments cannot hold the `omp simd` pragmas, so the row loops live in templates.
+
+// <a, b> and <a, c> in one pass over the row, summed in double.
+template <typename scalar_t>
+IN_CLONE void two_dots(const scalar_t* a, const scalar_t* b, const scalar_t* c, int64_t dim, double& ab,
+                       double& ac) {
+  double s = 0, t = 0;
+#pragma omp simd reduction(+ : s, t)
+  for (int64_t i = 0; i < dim; ++i) {
+    s += double(a[i]) * b[i];
+    t += double(a[i]) * c[i];
+  }
+  ab = s;
+  ac = t;
+}
+
 template <typename scalar_t>
 ROW_LOOP void forward_range(const scalar_t* hp, const scalar_t* up, scalar_t* op, double* sp, int64_t begin,
                             int64_t end, int64_t dim, const Options& o) {
@@ -158,12 +179,8 @@ ROW_LOOP void forward_range(const scalar_t* hp, const scalar_t* up, scalar_t* op
     for (int64_t j = 0; j < n; ++j) {
       const scalar_t* x = hp + (first + j) * dim;
       const scalar_t* y = up + (first + j) * dim;
-      double hh = 0, hu = 0;
-#pragma omp simd reduction(+ : hh, hu)
-      for (int64_t i = 0; i < dim; ++i) {
-        hh += double(x[i]) * x[i];
-        hu += double(x[i]) * y[i];
-      }
+      double hh, hu;
+      two_dots(x, x, y, dim, hh, hu);
       const double sq = std::max(hh, kMin);
       const double c = hu / sq;
       double vv = 0;
@@ -205,17 +222,8 @@ ROW_LOOP void backward_range(const scalar_t* gp, const scalar_t* hp, const scala
   for (int64_t first = begin; first < end; first += block_rows(dim)) {
     const int64_t n = std::min(block_rows(dim), end - first);
     for (int64_t j = 0; j < n; ++j) {
-      const scalar_t* gr = gp + (first + j) * dim;
-      const scalar_t* x = hp + (first + j) * dim;
-      const scalar_t* y = up + (first + j) * dim;
-      double dot_h = 0, dot_u = 0;
-#pragma omp simd reduction(+ : dot_h, dot_u)
-      for (int64_t i = 0; i < dim; ++i) {
-        dot_h += double(gr[i]) * x[i];
-        dot_u += double(gr[i]) * y[i];
-      }
-      gh[j] = dot_h;
-      gu[j] = dot_u;
+      const int64_t offset = (first + j) * dim;
+      two_dots(gp + offset, hp + offset, up + offset, dim, gh[j], gu[j]);
     }
     for (int64_t j = 0; j < n; ++j) {
       const int64_t row = first + j;
