@@ -105,6 +105,23 @@ def test_a_failed_build_falls_back_to_torch_ops_with_one_warning(monkeypatch, ca
     assert geodesic_kernel.available()
 
 
+def test_the_build_goes_under_torch_extensions_dir(monkeypatch, tmp_path):
+    """As torch's own JIT extensions do (`load` is stubbed: where it would build is the question)."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folders = []
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, build_directory, **k: folders.append(build_directory))
+    geodesic_kernel.available.cache_clear()
+    try:
+        assert geodesic_kernel.available()
+    finally:
+        monkeypatch.undo()
+        geodesic_kernel.available.cache_clear()
+    assert folders == [str(geodesic_kernel.build_directory(str(tmp_path)))]
+    assert geodesic_kernel.available()
+
+
 def test_mismatched_rows_are_refused_by_name():
     h, u, g = _rows()
     args = (0.5, 0.0, 1.0, math.inf, False, True)

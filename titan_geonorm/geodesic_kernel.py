@@ -37,7 +37,7 @@ def available() -> bool:
     from torch.utils import cpp_extension  # imports setuptools: only when a CPU step needs it
 
     try:
-        directory = build_directory(cpp_extension.get_default_build_root())
+        directory = build_directory(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
         clear_stale_lock(directory)
         cpp_extension.load(
             _NAME,
