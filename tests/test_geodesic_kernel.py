@@ -6,6 +6,10 @@ Its float64 agreement with the autograd ops over every option is
 
 import logging
 import math
+import os
+import pathlib
+import time
+import tomllib
 
 import pytest
 import torch
@@ -80,7 +84,17 @@ def test_bf16_rows_run_the_kernel_in_fp32():
     torch.testing.assert_close(out, expected.bfloat16())
 
 
-def test_a_failed_build_falls_back_to_torch_ops_with_one_warning(monkeypatch, caplog):
+@pytest.fixture
+def fresh_load(monkeypatch):
+    """Afterwards the test's patches are undone and the real kernel loads again (a test clears
+    `available`'s cache itself once its patches are in place)."""
+    yield
+    monkeypatch.undo()
+    geodesic_kernel.available.cache_clear()
+    assert geodesic_kernel.available()
+
+
+def test_a_failed_build_falls_back_to_torch_ops_with_one_warning(monkeypatch, caplog, fresh_load):
     """No compiler (or ninja): one warning naming the cause, then the same numbers from `_FusedStep`."""
     from torch.utils import cpp_extension
 
@@ -91,21 +105,16 @@ def test_a_failed_build_falls_back_to_torch_ops_with_one_warning(monkeypatch, ca
     expected = geodesic_step(h, u, 0.7, **DEFAULTS)
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     geodesic_kernel.available.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger=geodesic_kernel.__name__):
-            out = geodesic_step(h.requires_grad_(), u, 0.7, **DEFAULTS)
-            geodesic_step(h, u, 0.7, **DEFAULTS)
-        assert out.grad_fn.name() == "_FusedStepBackward"
-        torch.testing.assert_close(out, expected)
-        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert len(warnings) == 1 and "Ninja is required" in warnings[0]
-    finally:
-        monkeypatch.undo()
-        geodesic_kernel.available.cache_clear()
-    assert geodesic_kernel.available()
+    with caplog.at_level(logging.WARNING, logger=geodesic_kernel.__name__):
+        out = geodesic_step(h.requires_grad_(), u, 0.7, **DEFAULTS)
+        geodesic_step(h, u, 0.7, **DEFAULTS)
+    assert out.grad_fn.name() == "_FusedStepBackward"
+    torch.testing.assert_close(out, expected)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "Ninja is required" in warnings[0]
 
 
-def test_the_build_goes_under_torch_extensions_dir(monkeypatch, tmp_path):
+def test_the_build_goes_under_torch_extensions_dir(monkeypatch, tmp_path, fresh_load):
     """As torch's own JIT extensions do (`load` is stubbed: where it would build is the question)."""
     from torch.utils import cpp_extension
 
@@ -113,13 +122,8 @@ def test_the_build_goes_under_torch_extensions_dir(monkeypatch, tmp_path):
     folders = []
     monkeypatch.setattr(cpp_extension, "load", lambda *a, build_directory, **k: folders.append(build_directory))
     geodesic_kernel.available.cache_clear()
-    try:
-        assert geodesic_kernel.available()
-    finally:
-        monkeypatch.undo()
-        geodesic_kernel.available.cache_clear()
-    assert folders == [str(geodesic_kernel.build_directory(str(tmp_path)))]
     assert geodesic_kernel.available()
+    assert folders == [str(geodesic_kernel.build_directory(str(tmp_path)))]
 
 
 def test_mismatched_rows_are_refused_by_name():
@@ -136,9 +140,6 @@ def test_mismatched_rows_are_refused_by_name():
 def test_the_kernel_source_ships_with_the_package():
     """A wheel carries only what `package-data` names: without the .cpp an installed package could
     never build its kernel."""
-    import pathlib
-    import tomllib
-
     root = pathlib.Path(__file__).parents[1]
     patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     relative = geodesic_kernel.SOURCE.relative_to(root / "titan_geonorm")
@@ -147,9 +148,6 @@ def test_the_kernel_source_ships_with_the_package():
 
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, caplog):
     """torch waits forever on its build lock; a lock older than any build is a killed build's."""
-    import os
-    import time
-
     directory = geodesic_kernel.build_directory(str(tmp_path))
     assert directory.parent == tmp_path and torch.__version__.replace("+", "_") in directory.name
     lock = directory / "lock"

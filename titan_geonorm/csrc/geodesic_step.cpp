@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -126,7 +127,15 @@ RowGrad coefficients_backward(const Row& r, double g_h, double g_v, const Option
   return out;
 }
 
+// Rows per ~16K elements: the unit of work handed to a thread.
 int64_t grain(int64_t dim) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(dim, 1)); }
+
+// (rows, dim) of rows laid out along the last dimension.
+std::pair<int64_t, int64_t> row_shape(const at::Tensor& h) {
+  TORCH_CHECK(h.dim() >= 1, "geodesic_step: h must have a row dimension");
+  const int64_t dim = h.size(-1);
+  return {dim == 0 ? 0 : h.numel() / dim, dim};
+}
 
 void check_rows(const at::Tensor& x, const at::Tensor& h, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), "geodesic_step: ", name, " must be a CPU tensor");
@@ -152,7 +161,7 @@ void check_rows(const at::Tensor& x, const at::Tensor& h, const char* name) {
 // waiting on each), then the writes while the block is still in cache.
 constexpr int64_t kBlock = 32;
 
-int64_t block_rows(int64_t dim) { return std::clamp<int64_t>(16384 / std::max<int64_t>(dim, 1), 1, kBlock); }
+int64_t block_rows(int64_t dim) { return std::min(grain(dim), kBlock); }
 
 // Macro arguments cannot hold the `omp simd` pragmas, so the row loops live in templates.
 
@@ -271,8 +280,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& h_in, const at::Ten
   check_rows(u_in, h_in, "u");
   const Options o{step, bias, theta_max, theta_base_max, retraction, prenorm};
   const at::Tensor h = h_in.contiguous(), u = u_in.contiguous();
-  const int64_t dim = h.dim() == 0 ? 1 : h.size(-1);
-  const int64_t rows = dim == 0 ? 0 : h.numel() / dim;
+  const auto [rows, dim] = row_shape(h);
   at::Tensor out = at::empty_like(h);
   // Per row: ||h||^2 (floored), <h, u>, ||v||; the backward recomputes the rest from them.
   at::Tensor stats = at::empty({rows, 3}, h.options().dtype(at::kDouble));
@@ -297,8 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
   const Options o{step, bias, theta_max, theta_base_max, retraction, prenorm};
   const at::Tensor g = g_in.contiguous(), h = h_in.contiguous(), u = u_in.contiguous();
   const at::Tensor stats = stats_in.contiguous();
-  const int64_t dim = h.dim() == 0 ? 1 : h.size(-1);
-  const int64_t rows = dim == 0 ? 0 : h.numel() / dim;
+  const auto [rows, dim] = row_shape(h);
   TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.numel() == 3 * rows, "geodesic_step: bad saved stats");
   at::Tensor grad_h = at::empty_like(h), grad_u = at::empty_like(u);
   // d step and d bias per row, summed below in row order (the same sum for any thread count).
