@@ -76,6 +76,12 @@ def test_eager_cpu_steps_take_the_kernel_unless_disabled(monkeypatch):
     assert step(h, u).grad_fn.name() == "_FusedStepBackward"
 
 
+def test_a_0d_state_keeps_the_torch_ops():
+    h, u, _ = _rows()
+    out = geodesic_step(h[0, 0, 0].requires_grad_(), u[0, 0, 0], 0.7, **DEFAULTS)
+    assert out.grad_fn.name() == "_FusedStepBackward"
+
+
 def test_bf16_rows_run_the_kernel_in_fp32():
     h, u, _ = _rows()
     out = geodesic_step(h.bfloat16(), u.bfloat16(), 0.7, **DEFAULTS)
@@ -133,6 +139,8 @@ def test_mismatched_rows_are_refused_by_name():
         torch.ops.titan_geonorm.geodesic_step_forward(h, u[:, :-1], *args)
     with pytest.raises(RuntimeError, match="u and h differ in dtype"):
         torch.ops.titan_geonorm.geodesic_step_forward(h, u.double(), *args)
+    with pytest.raises(RuntimeError, match="must have a row dimension"):
+        torch.ops.titan_geonorm.geodesic_step_forward(h[0, 0, 0], u[0, 0, 0], *args)
     with pytest.raises(RuntimeError, match="bad saved stats"):
         torch.ops.titan_geonorm.geodesic_step_backward(g, h, u, torch.zeros(3, dtype=torch.float64), *args)
 

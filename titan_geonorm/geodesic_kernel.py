@@ -74,11 +74,11 @@ def clear_stale_lock(directory: pathlib.Path) -> None:
 
 
 def takes(h: torch.Tensor, step, bias) -> bool:
-    """Whether `NativeStep` applies: enabled, plain fp32/fp64 CPU rows, one-element step scalars."""
+    """Whether `NativeStep` applies: enabled, plain fp32/fp64 CPU rows (at least 1-d), one-element
+    step scalars."""
+    rows_ok = h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64) and h.dim() >= 1
     scalars_ok = all(not isinstance(x, torch.Tensor) or x.numel() == 1 for x in (step, bias))
-    return (
-        enabled and h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64) and scalars_ok and available()
-    )
+    return enabled and rows_ok and scalars_ok and available()
 
 
 class NativeStep(torch.autograd.Function):
