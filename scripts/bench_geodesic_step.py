@@ -41,16 +41,23 @@ def arm_fn(arm: str, module: geonorm.GeodesicStep):
     """One forward + backward of `arm` on (h, u) with upstream gradient g."""
     if arm == "add":
         return lambda h, u, g: (h + u).backward(g)
+
+    def native(h, u, o, options):
+        return geodesic_kernel.NativeStep.apply(h, u, o["step"], o["bias"], o["decay"], options)
+
+    def torch_ops(step_fn):
+        return lambda h, u, o, options: step_fn(h, u, *geonorm._scaled(o["step"], o["bias"], o["decay"]), options)
+
     impl = {
-        "native": geodesic_kernel.NativeStep.apply,
-        "torch": geonorm._FusedStep.apply,
-        "autograd": geonorm._autograd_step,
+        "native": native,
+        "torch": torch_ops(geonorm._FusedStep.apply),
+        "autograd": torch_ops(geonorm._autograd_step),
     }[arm]
 
     def run(h, u, g):
-        o = module._options()  # the module's own scalar ops (step and bias times the decay) included
+        o = module._options()  # the torch arms' scalar ops (step and bias times the decay) included
         options = {key: o[key] for key in ("theta_max", "update_map", "theta_base_max", "radius")}
-        impl(h, u, o["step"], o["bias"], options).backward(g)
+        impl(h, u, o, options).backward(g)
 
     return run
 

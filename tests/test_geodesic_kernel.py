@@ -27,9 +27,18 @@ def _rows(shape=(3, 40, 48), seed=0):
     return h, u, torch.randn(*shape, generator=gen)
 
 
+def _native(h, u, a, b):
+    return geodesic_kernel.NativeStep.apply(h, u, a, b, 0.5, DEFAULTS)
+
+
+def _autograd(h, u, a, b):
+    return geonorm._autograd_step(h, u, a * 0.5, b * 0.5, DEFAULTS)
+
+
 def _step_and_grads(step_fn, h, u, g, a, b):
+    """`step_fn` with decay 0.5 on (h, u, a, b), and the gradients of all four."""
     leaves = [x.clone().requires_grad_() for x in (h, u, a, b)]
-    out = step_fn(leaves[0], leaves[1], leaves[2] * 0.5, leaves[3] * 0.5, DEFAULTS)
+    out = step_fn(*leaves)
     return out, torch.autograd.grad((out * g).sum(), leaves)
 
 
@@ -43,8 +52,8 @@ def test_fp32_matches_the_autograd_ops_on_batched_non_contiguous_rows():
     h, u, g = _rows()
     h = h.transpose(0, 1).contiguous().transpose(0, 1)  # same values, not contiguous
     a, b = torch.tensor([0.9]), torch.tensor([0.03])
-    out_n, grads_n = _step_and_grads(geodesic_kernel.NativeStep.apply, h, u, g, a, b)
-    out_64, grads_64 = _step_and_grads(geonorm._autograd_step, *(x.double() for x in (h, u, g)), a.double(), b.double())
+    out_n, grads_n = _step_and_grads(_native, h, u, g, a, b)
+    out_64, grads_64 = _step_and_grads(_autograd, *(x.double() for x in (h, u, g)), a.double(), b.double())
     assert out_n.dtype == torch.float32 and out_n.shape == h.shape
     torch.testing.assert_close(out_n, out_64.float(), rtol=1e-5, atol=1e-5)
     for gn, g64 in zip(grads_n, grads_64):
@@ -60,7 +69,7 @@ def test_step_sums_do_not_depend_on_the_thread_count():
         results = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append(_step_and_grads(geodesic_kernel.NativeStep.apply, h, u, g, a, b))
+            results.append(_step_and_grads(_native, h, u, g, a, b))
     finally:
         torch.set_num_threads(threads)
     (out1, grads1), (out2, grads2) = results
@@ -134,15 +143,18 @@ def test_the_build_goes_under_torch_extensions_dir(monkeypatch, tmp_path, fresh_
 
 def test_mismatched_rows_are_refused_by_name():
     h, u, g = _rows()
-    args = (0.5, 0.0, 1.0, math.inf, False, True)
+    args = (0.5, 0.0, 1.0, 1.0, math.inf, False, True)
     with pytest.raises(RuntimeError, match="u has shape"):
         torch.ops.titan_geonorm.geodesic_step_forward(h, u[:, :-1], *args)
     with pytest.raises(RuntimeError, match="u and h differ in dtype"):
         torch.ops.titan_geonorm.geodesic_step_forward(h, u.double(), *args)
     with pytest.raises(RuntimeError, match="must have a row dimension"):
         torch.ops.titan_geonorm.geodesic_step_forward(h[0, 0, 0], u[0, 0, 0], *args)
-    with pytest.raises(RuntimeError, match="bad saved stats"):
+    with pytest.raises(RuntimeError, match="bad saved rows"):
         torch.ops.titan_geonorm.geodesic_step_backward(g, h, u, torch.zeros(3, dtype=torch.float64), *args)
+    _, saved = torch.ops.titan_geonorm.geodesic_step_forward(h, u, *args)
+    with pytest.raises(RuntimeError, match="bad saved rows"):  # another step's rows
+        torch.ops.titan_geonorm.geodesic_step_backward(g[:, :-1], h[:, :-1], u[:, :-1], saved, *args)
 
 
 def test_the_kernel_source_ships_with_the_package():

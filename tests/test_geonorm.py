@@ -388,10 +388,17 @@ def test_decay_index_block_shares_the_decay_of_both_sublayers():
 def test_fused_backward_matches_autograd(radius, update_map, bias, base_max, scalars, impl):
     """The eager steps, `_FusedStep` (hand-derived backward) and the C++ `NativeStep`, against the
     autograd ops TP and torch.compile run, float64: outputs and every gradient, with zero, tiny,
-    clamped (base and final), large-angle and near-radial updates, learnable or fixed step and bias."""
+    clamped (base and final), large-angle and near-radial updates, learnable or fixed step and bias,
+    a decay s(k) = 0.5 (applied inside the native kernel, by tensor ops for the others)."""
     from titan_geonorm import geodesic_kernel, geonorm
 
-    eager = geonorm._FusedStep.apply if impl == "fused" else geodesic_kernel.NativeStep.apply
+    def scaled(step_fn):
+        return lambda h, u, a, b, options: step_fn(h, u, *geonorm._scaled(a, b, 0.5), options)
+
+    def native(h, u, a, b, options):
+        return geodesic_kernel.NativeStep.apply(h, u, a, b, 0.5, options)
+
+    eager = scaled(geonorm._FusedStep.apply) if impl == "fused" else native
 
     h = _sphere(9, dim=8, dtype=torch.float64)
     gen = torch.Generator().manual_seed(6)
@@ -405,13 +412,14 @@ def test_fused_backward_matches_autograd(radius, update_map, bias, base_max, sca
     g = torch.randn(9, 8, dtype=torch.float64, generator=gen)
     options = dict(theta_max=1.2, update_map=update_map, theta_base_max=base_max, radius=radius)
     results = []
-    for step_fn in (eager, geonorm._autograd_step):
+    for step_fn in (eager, scaled(geonorm._autograd_step)):
         leaves = [x.clone().requires_grad_() for x in (h, u)]
+        # a_k = 1.6 and b_k = 2 bias: scaled by the decay, step 0.8 and `bias`.
         if scalars == "floats":
-            step, b = 0.8, bias
+            step, b = 1.6, 2 * bias
         else:
-            step = torch.tensor([0.8], dtype=torch.float64, requires_grad=True)
-            b = torch.tensor([bias], dtype=torch.float64, requires_grad=True) if scalars == "tensors" else 0.0
+            step = torch.tensor([1.6], dtype=torch.float64, requires_grad=True)
+            b = torch.tensor([2 * bias], dtype=torch.float64, requires_grad=True) if scalars == "tensors" else 0.0
             leaves += [x for x in (step, b) if isinstance(x, torch.Tensor)]
         out = step_fn(leaves[0], leaves[1], step, b, options)
         grads = torch.autograd.grad((out * g).sum(), leaves, allow_unused=True)

@@ -82,33 +82,35 @@ def takes(h: torch.Tensor, step, bias) -> bool:
 
 
 class NativeStep(torch.autograd.Function):
-    """`geonorm._FusedStep` in C++: forward saves h, u and three doubles per row (||h||^2,
-    <h, u>, ||v||), backward recomputes the per-row coefficients from them."""
+    """`geonorm._FusedStep` in C++, with the decay applied inside: `step` and `bias` are a_k and
+    b_k themselves (no tensor op multiplies them by s(k) first). Forward saves h, u and each row's
+    statistics and coefficients; backward reads them instead of recomputing."""
 
     @staticmethod
-    def forward(ctx, h, u, step, bias, options):
+    def forward(ctx, h, u, step, bias, decay, options):
         args = (
             *(float(x.detach()) if isinstance(x, torch.Tensor) else float(x) for x in (step, bias)),
+            float(decay),
             float(options["theta_max"]),
             float(options["theta_base_max"]),
             options["update_map"] == "retraction",
             options["radius"] == "prenorm",
         )
-        out, stats = torch.ops.titan_geonorm.geodesic_step_forward(h, u, *args)
-        ctx.save_for_backward(h, u, stats)
+        out, saved = torch.ops.titan_geonorm.geodesic_step_forward(h, u, *args)
+        ctx.save_for_backward(h, u, saved)
         ctx.args = args
         ctx.scalars = [(x.shape, x.dtype) if isinstance(x, torch.Tensor) else None for x in (step, bias)]
         return out
 
     @staticmethod
     def backward(ctx, g):
-        h, u, stats = ctx.saved_tensors
-        grad_h, grad_u, *sums = torch.ops.titan_geonorm.geodesic_step_backward(g, h, u, stats, *ctx.args)
+        h, u, saved = ctx.saved_tensors
+        grad_h, grad_u, *sums = torch.ops.titan_geonorm.geodesic_step_backward(g, h, u, saved, *ctx.args)
         scalar_grads = [
             _like(grad, meta) if meta is not None and needed else None
             for grad, meta, needed in zip(sums, ctx.scalars, ctx.needs_input_grad[2:4])
         ]
-        return grad_h, grad_u, *scalar_grads, None
+        return grad_h, grad_u, *scalar_grads, None, None
 
 
 def _like(grad: torch.Tensor, meta: tuple[torch.Size, torch.dtype]) -> torch.Tensor:

@@ -53,6 +53,7 @@ def geodesic_step(
     center: bool = False,
     *,
     bias: torch.Tensor | float = 0.0,
+    decay: float = 1.0,
     radius: str = "sphere",
     update_map: str = "exp",
     theta_base_max: float = math.inf,
@@ -73,7 +74,8 @@ def geodesic_step(
     ||h|| (h + u)/||h + u|| (sphere: Post-LN); the exp map differs from it by the angle
     ||v||/||h|| - phi ~ c ||v||/||h||, second order in the update size.
 
-    `step` is a_k s(k), `bias` b_k s(k) (scalars). `center=True` removes the mean of `u` first, so
+    `step` is a_k s(k), `bias` b_k s(k) (scalars), or a_k and b_k with `decay` s(k): the native
+    kernel applies s(k) inside, without a tensor op on the parameters. `center=True` removes the mean of `u` first, so
     a mean-zero state stays mean-zero (LayerNorm's geometry, arXiv 2409.12951). Computed in fp32
     (or the input's wider dtype) and cast back. sin(theta) ||h||/||v|| is written as
     sinc(theta) (theta/theta_0) step theta_0 ||h||/||v||, where theta_0 ||h||/||v|| is 1, a
@@ -88,12 +90,17 @@ def geodesic_step(
     h32, u32 = _working(h, u, center)
     if any(isinstance(x, DTensor) for x in (h32, u32, step, bias)) or torch.compiler.is_compiling():
         # TP's sequence-sharded DTensors and inductor (which fuses these ops itself) take autograd.
-        out = _autograd_step(h32, u32, step, bias, options)
+        out = _autograd_step(h32, u32, *_scaled(step, bias, decay), options)
     elif geodesic_kernel.takes(h32, step, bias):
-        out = geodesic_kernel.NativeStep.apply(h32, u32, step, bias, options)
+        out = geodesic_kernel.NativeStep.apply(h32, u32, step, bias, decay, options)
     else:
-        out = _FusedStep.apply(h32, u32, step, bias, options)
+        out = _FusedStep.apply(h32, u32, *_scaled(step, bias, decay), options)
     return out.to(h.dtype)
+
+
+def _scaled(step, bias, decay: float):
+    """a_k s(k) and b_k s(k)."""
+    return (step, bias) if decay == 1.0 else (step * decay, bias * decay)
 
 
 def step_polar(
@@ -104,6 +111,7 @@ def step_polar(
     center=False,
     *,
     bias=0.0,
+    decay=1.0,
     radius="sphere",
     update_map="exp",
     theta_base_max=math.inf,
@@ -112,7 +120,7 @@ def step_polar(
     options = dict(theta_max=theta_max, update_map=update_map, theta_base_max=theta_base_max, radius=radius)
     h32, u32 = _working(h, u, center)
     sq_norm, hu, v, v_norm = _row_stats(h32, u32)
-    _, _, theta, scale, _ = _row_coefficients(sq_norm, hu, v_norm, step, bias, **options)
+    _, _, theta, scale, _ = _row_coefficients(sq_norm, hu, v_norm, *_scaled(step, bias, decay), **options)
     return theta, scale
 
 
@@ -396,13 +404,12 @@ class GeodesicStep(nn.Module):
             nn.init.zeros_(self.bias)
 
     def _options(self) -> dict:
-        a = self.step_init if self.step is None else self.step
-        bias = 0.0 if self.bias is None else self.bias * self.decay
         return dict(
-            step=a * self.decay,
+            step=self.step_init if self.step is None else self.step,
             theta_max=self.theta_max,
             center=self.center,
-            bias=bias,
+            bias=0.0 if self.bias is None else self.bias,
+            decay=self.decay,
             radius=self.radius,
             update_map=self.update_map,
             theta_base_max=self.theta_base_max,

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <tuple>
 #include <utility>
@@ -19,14 +20,35 @@
 
 namespace {
 
+// x86-64 builds default to SSE2; the row loops get an AVX2/FMA clone picked at load time.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define ROW_LOOP __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define ROW_LOOP
+#endif
+// Inlined into each clone, so it is compiled for the clone's instruction set (and no call
+// passes a row's coefficients through memory).
+#if defined(__GNUC__)
+#define IN_CLONE inline __attribute__((always_inline))
+#else
+#define IN_CLONE inline
+#endif
+
 // As `_MIN_SQ_NORM` and `_SERIES` in geonorm.py.
 constexpr double kMin = 1e-10;
 constexpr double kSeries = 1e-4;
 
+// `step` and `bias` are the scaled ones, a_k s(k) and b_k s(k); `decay` is s(k), by which the
+// gradients of a_k and b_k are scaled.
 struct Options {
-  double step, bias, theta_max, theta_base_max;
+  double step, bias, decay, theta_max, theta_base_max;
   bool retraction, prenorm;
 };
+
+Options options(double step, double bias, double decay, double theta_max, double theta_base_max, bool retraction,
+                bool prenorm) {
+  return {step * decay, bias * decay, decay, theta_max, theta_base_max, retraction, prenorm};
+}
 
 // `_row_coefficients` for one row: coefficients of h and v, and what the backward reads.
 struct Row {
@@ -36,7 +58,14 @@ struct Row {
   double coef_v() const { return sinc * per_ratio * shrink * scale; }
 };
 
-Row coefficients(double sq, double hu, double v_norm, const Options& o) {
+// What forward keeps per row for backward: the row statistics and their coefficients, so that
+// backward does not recompute the division/sqrt/sincos chain (about half of its time at dim 64).
+struct Saved {
+  double sq, hu, v_norm;
+  Row r;
+};
+
+IN_CLONE Row coefficients(double sq, double hu, double v_norm, const Options& o) {
   Row r{};
   r.one_c = 1 + hu / sq;
   r.ratio = v_norm / std::sqrt(sq);
@@ -75,7 +104,7 @@ struct RowGrad {
   double ratio, one_c, step, bias;
 };
 
-RowGrad coefficients_backward(const Row& r, double g_h, double g_v, const Options& o) {
+IN_CLONE RowGrad coefficients_backward(const Row& r, double g_h, double g_v, const Options& o) {
   const double k = r.per_ratio * r.shrink;
   const double t2 = r.theta * r.theta;
   const double dsinc = std::abs(r.theta) < 0.1 ? r.theta * (t2 * (1.0 / 30 - t2 / 840) - 1.0 / 3)
@@ -143,19 +172,6 @@ void check_rows(const at::Tensor& x, const at::Tensor& h, const char* name) {
   TORCH_CHECK(x.scalar_type() == h.scalar_type(), "geodesic_step: ", name, " and h differ in dtype");
 }
 
-// x86-64 builds default to SSE2; the row loops get an AVX2/FMA clone picked at load time.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define ROW_LOOP __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define ROW_LOOP
-#endif
-// Inlined into each clone, so it is compiled for the clone's instruction set.
-#if defined(__GNUC__)
-#define IN_CLONE inline __attribute__((always_inline))
-#else
-#define IN_CLONE inline
-#endif
-
 // Rows go in blocks: first the passes that read them, then the per-row scalars of the whole block
 // (independent across rows, so the CPU overlaps their division/sqrt/sincos chains instead of
 // waiting on each), then the writes while the block is still in cache.
@@ -180,7 +196,7 @@ IN_CLONE void two_dots(const scalar_t* a, const scalar_t* b, const scalar_t* c, 
 }
 
 template <typename scalar_t>
-ROW_LOOP void forward_range(const scalar_t* hp, const scalar_t* up, scalar_t* op, double* sp, int64_t begin,
+ROW_LOOP void forward_range(const scalar_t* hp, const scalar_t* up, scalar_t* op, Saved* sp, int64_t begin,
                             int64_t end, int64_t dim, const Options& o) {
   double coef_h[kBlock], coef_u[kBlock];
   for (int64_t first = begin; first < end; first += block_rows(dim)) {
@@ -198,17 +214,17 @@ ROW_LOOP void forward_range(const scalar_t* hp, const scalar_t* up, scalar_t* op
         const double v = y[i] - c * x[i];
         vv += v * v;
       }
-      double* stats = sp + 3 * (first + j);
-      stats[0] = sq;
-      stats[1] = hu;
-      stats[2] = std::sqrt(vv);
+      Saved& saved = sp[first + j];
+      saved.sq = sq;
+      saved.hu = hu;
+      saved.v_norm = std::sqrt(vv);
     }
     for (int64_t j = 0; j < n; ++j) {
-      const double* stats = sp + 3 * (first + j);
-      const Row r = coefficients(stats[0], stats[1], stats[2], o);
+      Saved& saved = sp[first + j];
+      saved.r = coefficients(saved.sq, saved.hu, saved.v_norm, o);
       // h' = coef_h h + coef_v (u - c h).
-      const double coef_v = r.coef_v();
-      coef_h[j] = r.coef_h() - coef_v * stats[1] / stats[0];
+      const double coef_v = saved.r.coef_v();
+      coef_h[j] = saved.r.coef_h() - coef_v * saved.hu / saved.sq;
       coef_u[j] = coef_v;
     }
     for (int64_t j = 0; j < n; ++j) {
@@ -223,7 +239,7 @@ ROW_LOOP void forward_range(const scalar_t* hp, const scalar_t* up, scalar_t* op
 }
 
 template <typename scalar_t>
-ROW_LOOP void backward_range(const scalar_t* gp, const scalar_t* hp, const scalar_t* up, const double* sp,
+ROW_LOOP void backward_range(const scalar_t* gp, const scalar_t* hp, const scalar_t* up, const Saved* sp,
                              scalar_t* ghp, scalar_t* gup, double* scalars, int64_t begin, int64_t end, int64_t dim,
                              const Options& o) {
   // Per row of the block: <g,h>, <g,u>, then the coefficients of g, h, u in both gradients.
@@ -236,9 +252,9 @@ ROW_LOOP void backward_range(const scalar_t* gp, const scalar_t* hp, const scala
     }
     for (int64_t j = 0; j < n; ++j) {
       const int64_t row = first + j;
-      const double sq = sp[3 * row], hu = sp[3 * row + 1], v_norm = sp[3 * row + 2];
+      const double sq = sp[row].sq, hu = sp[row].hu, v_norm = sp[row].v_norm;
       const double c = hu / sq;
-      const Row r = coefficients(sq, hu, v_norm, o);
+      const Row r = sp[row].r;
       const RowGrad d = coefficients_backward(r, gh[j], gu[j] - c * gh[j], o);
       scalars[2 * row] = d.step;
       scalars[2 * row + 1] = d.bias;
@@ -276,37 +292,40 @@ ROW_LOOP void backward_range(const scalar_t* gp, const scalar_t* hp, const scala
 }
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& h_in, const at::Tensor& u_in, double step, double bias,
-                                           double theta_max, double theta_base_max, bool retraction, bool prenorm) {
+                                           double decay, double theta_max, double theta_base_max, bool retraction,
+                                           bool prenorm) {
   check_rows(u_in, h_in, "u");
-  const Options o{step, bias, theta_max, theta_base_max, retraction, prenorm};
+  const Options o = options(step, bias, decay, theta_max, theta_base_max, retraction, prenorm);
   const at::Tensor h = h_in.contiguous(), u = u_in.contiguous();
   const auto [rows, dim] = row_shape(h);
   at::Tensor out = at::empty_like(h);
-  // Per row: ||h||^2 (floored), <h, u>, ||v||; the backward recomputes the rest from them.
-  at::Tensor stats = at::empty({rows, 3}, h.options().dtype(at::kDouble));
+  // One `Saved` per row, as bytes: only this file's backward reads them.
+  at::Tensor saved = at::empty({rows, int64_t(sizeof(Saved))}, h.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "geodesic_step_forward", [&] {
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     const scalar_t* up = u.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    double* sp = stats.mutable_data_ptr<double>();
+    Saved* sp = reinterpret_cast<Saved*>(saved.mutable_data_ptr<uint8_t>());
     at::parallel_for(0, rows, grain(dim), [&](int64_t begin, int64_t end) {
       forward_range<scalar_t>(hp, up, op, sp, begin, end, dim, o);
     });
   });
-  return {out, stats};
+  return {out, saved};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_in, const at::Tensor& h_in,
-                                                        const at::Tensor& u_in, const at::Tensor& stats_in,
-                                                        double step, double bias, double theta_max,
+                                                        const at::Tensor& u_in, const at::Tensor& saved,
+                                                        double step, double bias, double decay, double theta_max,
                                                         double theta_base_max, bool retraction, bool prenorm) {
   check_rows(g_in, h_in, "grad");
   check_rows(u_in, h_in, "u");
-  const Options o{step, bias, theta_max, theta_base_max, retraction, prenorm};
+  const Options o = options(step, bias, decay, theta_max, theta_base_max, retraction, prenorm);
   const at::Tensor g = g_in.contiguous(), h = h_in.contiguous(), u = u_in.contiguous();
-  const at::Tensor stats = stats_in.contiguous();
   const auto [rows, dim] = row_shape(h);
-  TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.numel() == 3 * rows, "geodesic_step: bad saved stats");
+  TORCH_CHECK(saved.scalar_type() == at::kByte && saved.is_contiguous() &&
+                  saved.numel() == rows * int64_t(sizeof(Saved)) &&
+                  reinterpret_cast<uintptr_t>(saved.const_data_ptr()) % alignof(Saved) == 0,
+              "geodesic_step: bad saved rows (pass forward's second output)");
   at::Tensor grad_h = at::empty_like(h), grad_u = at::empty_like(u);
   // d step and d bias per row, summed below in row order (the same sum for any thread count).
   std::vector<double> row_scalars(2 * rows);
@@ -314,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     const scalar_t* up = u.const_data_ptr<scalar_t>();
-    const double* sp = stats.const_data_ptr<double>();
+    const Saved* sp = reinterpret_cast<const Saved*>(saved.const_data_ptr<uint8_t>());
     scalar_t* ghp = grad_h.mutable_data_ptr<scalar_t>();
     scalar_t* gup = grad_u.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain(dim), [&](int64_t begin, int64_t end) {
@@ -326,7 +345,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
     d_step += row_scalars[2 * row];
     d_bias += row_scalars[2 * row + 1];
   }
-  // Shape (1,) in the rows' dtype: what a step parameter times its decay is, so usually no cast.
+  d_step *= o.decay;
+  d_bias *= o.decay;
+  // Shape (1,) in the rows' dtype: a step parameter's, so usually no cast.
   at::Tensor grad_step = at::empty({1}, h.options()), grad_bias = at::empty({1}, h.options());
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "geodesic_step_scalars", [&] {
     grad_step.mutable_data_ptr<scalar_t>()[0] = scalar_t(d_step);
@@ -339,10 +360,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
 
 TORCH_LIBRARY(titan_geonorm, m) {
   m.def(
-      "geodesic_step_forward(Tensor h, Tensor u, float step, float bias, float theta_max, float theta_base_max, "
-      "bool retraction, bool prenorm) -> (Tensor, Tensor)");
+      "geodesic_step_forward(Tensor h, Tensor u, float step, float bias, float decay, float theta_max, "
+      "float theta_base_max, bool retraction, bool prenorm) -> (Tensor, Tensor)");
   m.def(
-      "geodesic_step_backward(Tensor grad, Tensor h, Tensor u, Tensor stats, float step, float bias, "
+      "geodesic_step_backward(Tensor grad, Tensor h, Tensor u, Tensor saved, float step, float bias, float decay, "
       "float theta_max, float theta_base_max, bool retraction, bool prenorm) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
