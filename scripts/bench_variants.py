@@ -1,11 +1,14 @@
-"""Step time of every block variant relative to stock torchtitan llama3, one interleaved run, on CPU.
+"""Step time of every block variant relative to stock torchtitan llama3, side by side in one run, on CPU.
 
 A step is forward + backward + AdamW step (`--adamw`, default `foreach` as the shipped TOMLs) of
-the whole model on one random batch. The arms are
-torchtitan's own `Transformer` (`titan`, the `llama3_titan` spec) and every plugin block variant,
-timed in rotating order, round after round, so drift in machine load hits them alike; the
-reported ratios are medians over rounds of (arm time / titan time in the same round), and
-tokens/s relative to titan is their inverse. "Compiled" compiles each block with torch.compile as
+the whole model on one random batch. The arms are torchtitan's own `Transformer` (`titan`, the
+`llama3_titan` spec) and every plugin block variant. Each round times titan, then each other arm
+(in an order that rotates from round to round) followed by titan again, `--steps` steps at a
+time: an arm's ratio in a round is its time over the mean of the two titan times around it, and
+the reported ratio is the median over rounds; tokens/s relative to titan is its inverse. The
+pairing is the point: this box's CPU speed changes by up to ~40% between regimes that last about
+half a second (docs/benchmarks.md, session 17), so an arm is compared with titan timed right
+before and after it rather than seconds away. "Compiled" compiles each block with torch.compile as
 torchtitan does (`apply_compile`). `--floor` adds an eager arm `floor`: GeoNorm with its steps
 replaced by `FloorStep`, which does Pre-LN's residual add plus only the passes over the rows that
 any fused GeoNorm kernel must make, i.e. the best an eager GeoNorm step could do. `--torch-step`
@@ -15,7 +18,7 @@ same run.
 
     python scripts/bench_variants.py [--flavor tiny | --dim 256 --n-layers 6 --n-heads 16]
         [--seq-len 256 --batch 4] [--norm-type rmsnorm] [--modes eager,compiled] [--rounds 7]
-        [--adamw foreach|fused|for-loop] [--floor] [--torch-step] [--json out.json]
+        [--steps 1] [--adamw foreach|fused|for-loop] [--floor] [--torch-step] [--json out.json]
 """
 
 # isort: off
@@ -88,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--norm-type", default="rmsnorm", choices=["rmsnorm", "layernorm"])
     p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds over all variants")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
+    p.add_argument("--steps", type=int, default=1, help="steps per timing (each arm once per round)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--adamw", default="foreach", choices=["foreach", "fused", "for-loop"], help="AdamW implementation")
@@ -175,20 +178,31 @@ def bench_mode(args: argparse.Namespace, compiled: bool) -> dict:
     for arm, (model, opt) in runs.items():
         time_steps(arm, model, opt, batch, args.warmup)
     times = {arm: [] for arm in arms}
+    ratios = {arm: [] for arm in arms}
+
+    def timed(arm: str) -> float:
+        times[arm].append(time_steps(arm, *runs[arm], batch, args.steps))
+        return times[arm][-1]
+
+    others = arms[1:]
     for r in range(args.rounds):
-        order = arms[r % len(arms) :] + arms[: r % len(arms)]
-        for arm in order:
-            times[arm].append(time_steps(arm, *runs[arm], batch, args.steps))
+        before = timed(REFERENCE)
+        for arm in others[r % len(others) :] + others[: r % len(others)]:
+            t = timed(arm)
+            after = timed(REFERENCE)
+            ratios[arm].append(2 * t / (before + after))
+            before = after
     tokens = args.batch * args.seq_len
     results = {}
     for arm in arms:
-        ratio = statistics.median(t / ref for t, ref in zip(times[arm], times[REFERENCE]))
+        ratio = statistics.median(ratios[arm]) if arm != REFERENCE else 1.0
         results[arm] = {
             "median_s": statistics.median(times[arm]),
             "tokens_per_s": tokens / statistics.median(times[arm]),
             "time_vs_titan": ratio,
             "tokens_per_s_vs_titan": 1 / ratio,
             "round_s": times[arm],
+            "round_vs_titan": ratios[arm],
         }
     return results
 

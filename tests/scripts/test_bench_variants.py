@@ -4,6 +4,7 @@ the CPU kernel, and the run reports both beside the others."""
 import importlib.util
 import json
 
+import pytest
 import torch
 
 from tests.launch import REPO
@@ -55,3 +56,17 @@ def test_extra_arms_are_timed_eager_only(tmp_path, capsys):
     assert "floor" in capsys.readouterr().out
     # Compiled, inductor fuses the real step; these arms would only measure a graph break.
     assert bench.arms_of(bench.parse_args(argv), compiled=True) == bench.ARMS
+
+
+def test_each_arm_is_compared_with_titan_timed_around_it(monkeypatch):
+    """On a machine whose speed drifts from one timing to the next, the pairing recovers what each
+    arm costs relative to titan at the moment it runs (a comparison with titan timed seconds away
+    would mix in the drift)."""
+    cost = {arm: 1.0 + 0.01 * i for i, arm in enumerate(bench.ARMS)}
+    calls = iter(range(10_000))
+    monkeypatch.setattr(bench, "build", lambda arm, args, compiled: (arm, None))
+    monkeypatch.setattr(bench, "time_steps", lambda arm, *_: cost[arm] * (1 + 0.05 * next(calls)))
+    results = bench.bench_mode(bench.parse_args(_SMALL + ["--rounds", "3"]), compiled=False)
+    for arm in bench.ARMS:
+        assert results[arm]["time_vs_titan"] == pytest.approx(cost[arm] / cost[bench.REFERENCE], rel=1e-12)
+        assert len(results[arm]["round_vs_titan"]) == (3 if arm != bench.REFERENCE else 0)
