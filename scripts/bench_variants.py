@@ -8,7 +8,8 @@ time: an arm's ratio in a round is its time over the mean of the two titan times
 the reported ratio is the median over rounds; tokens/s relative to titan is its inverse. The
 pairing is the point: this box's CPU speed changes by up to ~40% between regimes that last about
 half a second (docs/benchmarks.md, session 17), so an arm is compared with titan timed right
-before and after it rather than seconds away. "Compiled" compiles each block with torch.compile as
+before and after it rather than seconds away. As in torchtitan's trainer, Python's garbage
+collector runs between timings, not inside a step. "Compiled" compiles each block with torch.compile as
 torchtitan does (`apply_compile`). `--floor` adds an eager arm `floor`: GeoNorm with its steps
 replaced by `FloorStep`, which does Pre-LN's residual add plus only the passes over the rows that
 any fused GeoNorm kernel must make, i.e. the best an eager GeoNorm step could do. `--torch-step`
@@ -26,6 +27,7 @@ import titan_geonorm.titan.launcher  # noqa: F401  (applies the CPU patches, whi
 
 # isort: on
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -185,13 +187,20 @@ def bench_mode(args: argparse.Namespace, compiled: bool) -> dict:
         return times[arm][-1]
 
     others = arms[1:]
-    for r in range(args.rounds):
-        before = timed(REFERENCE)
-        for arm in others[r % len(others) :] + others[: r % len(others)]:
-            t = timed(arm)
-            after = timed(REFERENCE)
-            ratios[arm].append(2 * t / (before + after))
-            before = after
+    # As torchtitan's trainer (`GarbageCollection`): no automatic collection inside a step, a
+    # collection between timings instead.
+    gc.disable()
+    try:
+        for r in range(args.rounds):
+            gc.collect(1)
+            before = timed(REFERENCE)
+            for arm in others[r % len(others) :] + others[: r % len(others)]:
+                t = timed(arm)
+                after = timed(REFERENCE)
+                ratios[arm].append(2 * t / (before + after))
+                before = after
+    finally:
+        gc.enable()
     tokens = args.batch * args.seq_len
     results = {}
     for arm in arms:
