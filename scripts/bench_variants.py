@@ -1,21 +1,20 @@
 """Step time of every block variant relative to stock torchtitan llama3, side by side in one run, on CPU.
 
-A step is forward + backward + AdamW step (`--adamw`, default `foreach` as the shipped TOMLs) of
-the whole model on one random batch. The arms are torchtitan's own `Transformer` (`titan`, the
-`llama3_titan` spec) and every plugin block variant. Each round times titan, then each other arm
-(in an order that rotates from round to round) followed by titan again, `--steps` steps at a
-time: an arm's ratio in a round is its time over the mean of the two titan times around it, and
-the reported ratio is the median over rounds; tokens/s relative to titan is its inverse. The
-pairing is the point: this box's CPU speed changes by up to ~40% between regimes that last about
-half a second (docs/benchmarks.md, session 17), so an arm is compared with titan timed right
-before and after it rather than seconds away. As in torchtitan's trainer, Python's garbage
-collector runs between timings, not inside a step. "Compiled" compiles each block with torch.compile as
-torchtitan does (`apply_compile`). `--floor` adds an eager arm `floor`: GeoNorm with its steps
-replaced by `FloorStep`, which does Pre-LN's residual add plus only the passes over the rows that
-any fused GeoNorm kernel must make, i.e. the best an eager GeoNorm step could do. `--torch-step`
-adds an eager arm `geonorm_torch`: GeoNorm with its step in torch ops (`_FusedStep`) instead of
-the native CPU kernel (`titan_geonorm.geodesic_kernel`), so the kernel's gain is measured in the
-same run.
+A step is forward + backward + AdamW step (`--adamw`, default `foreach` as the shipped TOMLs) of the
+whole model on one random batch. The arms are torchtitan's own `Transformer` (`titan`, the
+`llama3_titan` spec) and every plugin block variant. Each round times titan, then each other arm (in
+an order that rotates from round to round) followed by titan again, `--steps` steps at a time: an
+arm's ratio in a round is its time over the mean of the two titan times around it, and the reported
+ratio is the median over rounds; tokens/s relative to titan is its inverse. The pairing is the
+point: this box's speed drifts (titan's step times spread +-10% over a run and correlate with the
+next ones; docs/benchmarks.md, session 17), so an arm is compared with titan timed right before and
+after it rather than seconds away. As in torchtitan's trainer, Python's garbage collector runs
+between timings, not inside a step. "Compiled" compiles each block with torch.compile as torchtitan
+does (`apply_compile`). `--floor` adds an eager arm `floor`: GeoNorm with its steps replaced by
+`FloorStep`, which does Pre-LN's residual add plus only the passes over the rows that any fused
+GeoNorm kernel must make, i.e. the best an eager GeoNorm step could do. `--torch-step` adds an eager
+arm `geonorm_torch`: GeoNorm with its step in torch ops (`_FusedStep`) instead of the native CPU
+kernel (`titan_geonorm.geodesic_kernel`), so the kernel's gain is measured in the same run.
 
     python scripts/bench_variants.py [--flavor tiny | --dim 256 --n-layers 6 --n-heads 16]
         [--seq-len 256 --batch 4] [--norm-type rmsnorm] [--modes eager,compiled] [--rounds 7]
@@ -29,6 +28,7 @@ import titan_geonorm.titan.launcher  # noqa: F401  (applies the CPU patches, whi
 import argparse
 import gc
 import json
+import math
 import statistics
 import time
 import types
@@ -210,10 +210,19 @@ def bench_mode(args: argparse.Namespace, compiled: bool) -> dict:
             "tokens_per_s": tokens / statistics.median(times[arm]),
             "time_vs_titan": ratio,
             "tokens_per_s_vs_titan": 1 / ratio,
+            "tokens_per_s_vs_titan_2se": _two_standard_errors(ratios[arm]) / ratio**2,
             "round_s": times[arm],
             "round_vs_titan": ratios[arm],
         }
     return results
+
+
+def _two_standard_errors(ratios: list[float]) -> float:
+    """Twice the standard error of the median of `ratios` (normal approximation, 1.2533 sigma /
+    sqrt(n)); 0 for the reference or a single round."""
+    if len(ratios) < 2:
+        return 0.0
+    return 2 * 1.2533 * statistics.stdev(ratios) / math.sqrt(len(ratios))
 
 
 def main(argv=None) -> None:
@@ -224,13 +233,17 @@ def main(argv=None) -> None:
         f"dim {args.dim}, layers {args.n_layers}, heads {args.n_heads}/{args.n_kv_heads}, seq {args.seq_len}, "
         f"batch {args.batch}, {args.norm_type}, threads {args.threads}, AdamW {args.adamw}, torch {torch.__version__}"
     )
-    print(f"{'arm':<14}" + "".join(f"{m + ' s/step':>16}{m + ' tok/s':>14}{m + ' x titan':>18}" for m in args.modes))
+    print(
+        f"{'arm':<14}"
+        + "".join(f"{m + ' s/step':>16}{m + ' tok/s':>14}{m + ' x titan':>18}{'+-2se':>8}" for m in args.modes)
+    )
     for arm in dict.fromkeys(arm for m in args.modes for arm in results[m]):
         row = "".join(
             f"{results[m][arm]['median_s']:>16.4f}{results[m][arm]['tokens_per_s']:>14.0f}"
             f"{results[m][arm]['tokens_per_s_vs_titan']:>18.3f}"
+            f"{results[m][arm]['tokens_per_s_vs_titan_2se']:>8.3f}"
             if arm in results[m]
-            else f"{'-':>48}"
+            else f"{'-':>56}"
             for m in args.modes
         )
         print(f"{arm:<14}{row}")

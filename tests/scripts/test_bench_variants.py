@@ -70,3 +70,10 @@ def test_each_arm_is_compared_with_titan_timed_around_it(monkeypatch):
     for arm in bench.ARMS:
         assert results[arm]["time_vs_titan"] == pytest.approx(cost[arm] / cost[bench.REFERENCE], rel=1e-12)
         assert len(results[arm]["round_vs_titan"]) == (3 if arm != bench.REFERENCE else 0)
+        assert results[arm]["tokens_per_s_vs_titan_2se"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_reported_spread_is_two_standard_errors_of_the_median():
+    ratios = [0.9, 1.0, 1.1, 1.0]
+    assert bench._two_standard_errors(ratios) == pytest.approx(2 * 1.2533 * 0.08165 / 2, rel=1e-3)
+    assert bench._two_standard_errors([1.0]) == 0.0
