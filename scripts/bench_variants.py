@@ -235,15 +235,15 @@ def main(argv=None) -> None:
     )
     print(
         f"{'arm':<14}"
-        + "".join(f"{m + ' s/step':>16}{m + ' tok/s':>14}{m + ' x titan':>18}{'+-2se':>8}" for m in args.modes)
+        + "".join(f"{m + ' s/step':>16}{m + ' tok/s':>16}{m + ' x titan':>18}{'+-2se':>8}" for m in args.modes)
     )
     for arm in dict.fromkeys(arm for m in args.modes for arm in results[m]):
         row = "".join(
-            f"{results[m][arm]['median_s']:>16.4f}{results[m][arm]['tokens_per_s']:>14.0f}"
+            f"{results[m][arm]['median_s']:>16.4f}{results[m][arm]['tokens_per_s']:>16.0f}"
             f"{results[m][arm]['tokens_per_s_vs_titan']:>18.3f}"
             f"{results[m][arm]['tokens_per_s_vs_titan_2se']:>8.3f}"
             if arm in results[m]
-            else f"{'-':>56}"
+            else f"{'-':>58}"
             for m in args.modes
         )
         print(f"{arm:<14}{row}")
