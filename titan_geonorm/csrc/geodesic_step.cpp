@@ -254,7 +254,7 @@ ROW_LOOP void backward_range(const scalar_t* gp, const scalar_t* hp, const scala
       const int64_t row = first + j;
       const double sq = sp[row].sq, hu = sp[row].hu, v_norm = sp[row].v_norm;
       const double c = hu / sq;
-      const Row r = sp[row].r;
+      const Row& r = sp[row].r;
       const RowGrad d = coefficients_backward(r, gh[j], gu[j] - c * gh[j], o);
       scalars[2 * row] = d.step;
       scalars[2 * row + 1] = d.bias;
